@@ -1,0 +1,83 @@
+"""Argument validation shared by the public ops: every message names the argument and what was
+expected, so a wrong call fails loudly instead of returning a silently wrong bound."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, *, ndim: Optional[Union[int, Sequence[int]]] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name}: expected a {want}-D tensor, got shape {tuple(t.shape)}")
+
+
+def check_box(mu, r, *, ndim=None, check_values: bool = True) -> None:
+    """``mu`` and ``r`` must be same-shape, same-dtype, same-device float tensors, ``r >= 0``
+    and no NaN. The value checks synchronise with the device, so they only run on CPU tensors
+    (and when ``check_values``): on GPUs they would stall the hot path (DESIGN.md section 8)."""
+    check_tensor("mu", mu, ndim=ndim)
+    check_tensor("r", r, ndim=ndim)
+    if mu.shape != r.shape:
+        raise ValueError(f"r: expected the shape of mu {tuple(mu.shape)}, got {tuple(r.shape)}")
+    if mu.dtype != r.dtype:
+        raise TypeError(f"r: expected the dtype of mu ({mu.dtype}), got {r.dtype}")
+    if mu.device != r.device:
+        raise ValueError(f"r: expected the device of mu ({mu.device}), got {r.device}")
+    if check_values and mu.device.type == "cpu" and mu.numel() > 0:
+        if bool(torch.isnan(mu).any()):
+            raise ValueError("mu: contains NaN")
+        if bool(torch.isnan(r).any()):
+            raise ValueError("r: contains NaN")
+        if bool((r < 0).any()):
+            raise ValueError(f"r: the radius must be >= 0, got min {float(r.min())}")
+
+
+def check_param(name: str, t, ref: torch.Tensor, shape: Optional[Tuple[int, ...]] = None,
+                optional: bool = False) -> None:
+    """A parameter tensor (weight, bias, BN statistic) must match the input's dtype and device."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name}: expected a torch.Tensor, got None")
+    check_tensor(name, t)
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of mu), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of mu), got {t.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def pair(name: str, v) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
+
+
+def check_bn(mean, var, weight, bias, eps, channels: int, ref: torch.Tensor) -> None:
+    if (mean is None) != (var is None):
+        raise ValueError("bn_mean, bn_var: give both batch-norm statistics or neither")
+    if mean is None:
+        if weight is not None or bias is not None:
+            raise ValueError("bn_weight, bn_bias: batch-norm parameters need bn_mean and bn_var")
+        return
+    for name, t in (("bn_mean", mean), ("bn_var", var)):
+        check_param(name, t, ref, (channels,))
+    check_param("bn_weight", weight, ref, (channels,), optional=True)
+    check_param("bn_bias", bias, ref, (channels,), optional=True)
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"bn_eps: expected a float >= 0, got {eps!r}")
+    if var.device.type == "cpu" and var.numel() > 0 and bool((var + eps <= 0).any()):
+        raise ValueError("bn_var: var + bn_eps must be > 0 for every channel")

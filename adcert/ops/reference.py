@@ -1,0 +1,100 @@
+"""Plain-torch reference implementations of the interval ops.
+
+These are the specification: the compiled kernels (C++ on CPU, Triton on CUDA) must agree with
+them, and the tests compare against them in fp64. They are ordinary differentiable torch code, so
+autograd through them is the reference for the ops' backward passes too.
+
+Boxes are in centre-radius form ``(mu, r)`` with ``r >= 0``: lower ``mu - r``, upper ``mu + r``
+(DESIGN.md section 3). Shapes:
+
+* linear:  ``mu, r: [B, in]``, ``weight: [out, in]``, ``bias: [out]`` -> ``[B, out]``
+* conv2d:  ``mu, r: [B, C_in, H, W]``, ``weight: [C_out, C_in / groups, kH, kW]``, ``bias: [C_out]``
+* batch norm: ``mu, r: [B, C]`` or ``[B, C, *spatial]``; ``mean, var, weight, bias: [C]``
+* relu: any shape.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+IntPair = Union[int, Tuple[int, int]]
+
+
+def interval_linear(mu: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor]:
+    """``(W mu + b, |W| r)`` for ``mu, r: [B, in]``, ``weight: [out, in]``."""
+    return F.linear(mu, weight, bias), F.linear(r, weight.abs())
+
+
+def interval_conv2d(mu: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                    stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                    groups: int = 1) -> Tuple[Tensor, Tensor]:
+    """``(conv(mu, W) + b, conv(r, |W|))`` for ``mu, r: [B, C_in, H, W]``."""
+    out_mu = F.conv2d(mu, weight, bias, stride, padding, dilation, groups)
+    out_r = F.conv2d(r, weight.abs(), None, stride, padding, dilation, groups)
+    return out_mu, out_r
+
+
+def batch_norm_scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                           bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """The affine map of an eval-mode batch norm, ``y = scale * x + shift``; both ``[C]``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    """Reshape a per-channel ``[C]`` tensor to broadcast against ``[B, C, *spatial]``."""
+    return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def interval_batch_norm(mu: Tensor, r: Tensor, mean: Tensor, var: Tensor,
+                        weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5
+                        ) -> Tuple[Tensor, Tensor]:
+    """Batch norm with caller-supplied statistics: ``(s (mu - mean) + beta, |s| r)``,
+    ``s = weight / sqrt(var + eps)``."""
+    scale, shift = batch_norm_scale_shift(mean, var, weight, bias, eps)
+    scale_v, shift_v = _channel_view(scale, mu.dim()), _channel_view(shift, mu.dim())
+    return mu * scale_v + shift_v, r * scale_v.abs()
+
+
+def interval_relu(mu: Tensor, r: Tensor) -> Tuple[Tensor, Tensor]:
+    """``((relu(mu + r) + relu(mu - r)) / 2, (relu(mu + r) - relu(mu - r)) / 2)``."""
+    upper, lower = torch.relu(mu + r), torch.relu(mu - r)
+    return (upper + lower) / 2, (upper - lower) / 2
+
+
+def _bn_relu_epilogue(mu: Tensor, r: Tensor, bn_mean, bn_var, bn_weight, bn_bias, bn_eps: float,
+                      relu: bool) -> Tuple[Tensor, Tensor]:
+    if bn_mean is not None:
+        mu, r = interval_batch_norm(mu, r, bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
+    if relu:
+        mu, r = interval_relu(mu, r)
+    return mu, r
+
+
+def interval_linear_bn_relu(mu: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                            bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
+                            bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                            bn_eps: float = 1e-5, relu: bool = True) -> Tuple[Tensor, Tensor]:
+    """Linear + bias, then (if ``bn_mean`` is given) batch-norm affine, then (if ``relu``) ReLU."""
+    mu, r = interval_linear(mu, r, weight, bias)
+    return _bn_relu_epilogue(mu, r, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, relu)
+
+
+def interval_conv2d_bn_relu(mu: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                            bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
+                            bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                            bn_eps: float = 1e-5, stride: IntPair = 1, padding: IntPair = 0,
+                            dilation: IntPair = 1, groups: int = 1, relu: bool = True
+                            ) -> Tuple[Tensor, Tensor]:
+    """Conv2d + bias, then (if ``bn_mean`` is given) batch-norm affine, then (if ``relu``) ReLU."""
+    mu, r = interval_conv2d(mu, r, weight, bias, stride, padding, dilation, groups)
+    return _bn_relu_epilogue(mu, r, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, relu)
