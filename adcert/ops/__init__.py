@@ -1,7 +1,33 @@
-"""Differentiable interval ops on centre-radius boxes ``(mu, r)`` (TEMPORARY: reference-backed
-until the compiled ops land)."""
-from adcert.ops.reference import (  # noqa: F401
-    interval_linear, interval_conv2d, interval_batch_norm, interval_relu,
-    interval_linear_bn_relu, interval_conv2d_bn_relu,
-)
-from adcert.ops import reference  # noqa: F401
+"""Differentiable interval ops on centre-radius boxes ``(mu, r)``, ``r >= 0``.
+
+Each op is a ``torch.library`` custom op (``torch.ops.adcert.<name>``) with a schema, a fake
+kernel and registered autograd, so it also works under ``torch.compile``. CPU tensors run the
+C++ kernels of ``adcert._C``; CUDA tensors run the Triton kernels (``adcert.kernels``).
+``adcert.ops.reference`` holds the plain-torch reference of every op.
+
+    interval_linear(mu, r, weight, bias=None)                            -> (mu, r)
+    interval_conv2d(mu, r, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+    interval_batch_norm(mu, r, mean, var, weight=None, bias=None, eps=1e-5)
+    interval_relu(mu, r)
+    interval_linear_bn_relu(mu, r, weight, bias=None, bn_mean=None, bn_var=None,
+                            bn_weight=None, bn_bias=None, bn_eps=1e-5, relu=True)
+    interval_conv2d_bn_relu(mu, r, weight, bias=None, bn_mean=None, ..., stride=1, padding=0,
+                            dilation=1, groups=1, relu=True)
+"""
+from adcert.ops._extension import load_extension as _load_extension
+
+_load_extension()  # registers torch.ops.adcert.* and the CPU kernels; clear error if missing
+
+from adcert.ops import reference  # noqa: E402,F401
+from adcert.ops.interval_batch_norm import interval_batch_norm  # noqa: E402
+from adcert.ops.interval_conv2d import interval_conv2d  # noqa: E402
+from adcert.ops.interval_conv2d_bn_relu import interval_conv2d_bn_relu  # noqa: E402
+from adcert.ops.interval_linear import interval_linear  # noqa: E402
+from adcert.ops.interval_linear_bn_relu import interval_linear_bn_relu  # noqa: E402
+from adcert.ops.interval_relu import interval_relu  # noqa: E402
+from adcert.ops._extension import register_gpu_kernels as _register_gpu_kernels  # noqa: E402
+
+GPU_KERNELS = _register_gpu_kernels()
+
+__all__ = ["interval_linear", "interval_conv2d", "interval_batch_norm", "interval_relu",
+           "interval_linear_bn_relu", "interval_conv2d_bn_relu", "reference"]

@@ -1,0 +1,55 @@
+"""``interval_conv2d``: a 2-D convolution on a centre-radius box: ``(conv(mu, W) + b,
+conv(r, |W|))``. Zero padding only (a padded pixel is the exact point 0)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from adcert.ops._checks import check_box
+from adcert.ops._conv_shape import check_conv_args, conv_output_shape
+
+_op = torch.ops.adcert.interval_conv2d
+_backward_op = torch.ops.adcert.interval_conv2d_backward
+
+
+@torch.library.register_fake("adcert::interval_conv2d")
+def _fake(mu, r, weight, bias, stride, padding, dilation, groups):
+    shape = conv_output_shape(mu.shape, weight.shape, stride, padding, dilation)
+    return mu.new_empty(shape), r.new_empty(shape)
+
+
+@torch.library.register_fake("adcert::interval_conv2d_backward")
+def _fake_backward(grad_mu, grad_r, mu, r, weight, stride, padding, dilation, groups, output_mask):
+    g_in = output_mask[0]
+    return (torch.empty_like(mu) if g_in else None, torch.empty_like(r) if g_in else None,
+            torch.empty_like(weight) if output_mask[1] else None,
+            weight.new_empty(weight.shape[0]) if output_mask[2] else None)
+
+
+def _setup_context(ctx, inputs, output):
+    mu, r, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(mu, r, weight)
+    ctx.geometry = (stride, padding, dilation, groups)
+
+
+def _backward(ctx, grad_mu, grad_r):
+    mu, r, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0] or need[1], need[2], need[3]]
+    grads = _backward_op(grad_mu, grad_r, mu, r, weight, *ctx.geometry, mask)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("adcert::interval_conv2d", _backward, setup_context=_setup_context)
+
+
+def interval_conv2d(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1,
+                    groups: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Interval conv2d. ``mu, r: [B, C_in, H, W]``, ``weight: [C_out, C_in / groups, kH, kW]``,
+    ``bias: [C_out]`` -> ``(mu', r'): [B, C_out, H', W']``."""
+    check_box(mu, r, ndim=4)
+    stride, padding, dilation, groups = check_conv_args(mu, weight, bias, stride, padding,
+                                                        dilation, groups)
+    return _op(mu, r, weight, bias, stride, padding, dilation, groups)

@@ -1,0 +1,82 @@
+"""``interval_conv2d_bn_relu``: the fused block conv2d + bias + batch-norm affine + ReLU on a
+centre-radius box, one pass for the affine epilogue in forward and in backward. This is the hot
+path of every bound pass.
+
+The compiled op returns ``(mu, r, mu_pre, r_pre)``; the pre-affine products are saved for the
+backward pass (which recomputes the ReLU masks from them) and hidden by the public function.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from adcert.ops._checks import check_bn, check_box
+from adcert.ops._conv_shape import check_conv_args, conv_output_shape
+
+_op = torch.ops.adcert.interval_conv2d_bn_relu
+_backward_op = torch.ops.adcert.interval_conv2d_bn_relu_backward
+
+
+def _like_or_none(t):
+    return None if t is None else torch.empty_like(t)
+
+
+@torch.library.register_fake("adcert::interval_conv2d_bn_relu")
+def _fake(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, stride, padding,
+          dilation, groups, relu):
+    shape = conv_output_shape(mu.shape, weight.shape, stride, padding, dilation)
+    return mu.new_empty(shape), r.new_empty(shape), mu.new_empty(shape), r.new_empty(shape)
+
+
+@torch.library.register_fake("adcert::interval_conv2d_bn_relu_backward")
+def _fake_backward(grad_mu, grad_r, mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias,
+                   bn_eps, stride, padding, dilation, groups, relu, mu_pre, r_pre, output_mask):
+    g_in, g_w, g_p = output_mask
+    params = [(_like_or_none(t) if g_p else None) for t in (bias, bn_mean, bn_var, bn_weight,
+                                                           bn_bias)]
+    return (torch.empty_like(mu) if g_in else None, torch.empty_like(r) if g_in else None,
+            torch.empty_like(weight) if g_w else None, *params)
+
+
+def _setup_context(ctx, inputs, output):
+    (mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, stride, padding, dilation,
+     groups, relu) = inputs
+    mu_pre, r_pre = output[2], output[3]
+    ctx.mark_non_differentiable(mu_pre, r_pre)
+    ctx.save_for_backward(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, mu_pre, r_pre)
+    ctx.args = (bn_eps, stride, padding, dilation, groups, relu)
+
+
+def _backward(ctx, grad_mu, grad_r, _grad_mu_pre, _grad_r_pre):
+    mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, mu_pre, r_pre = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0] or need[1], need[2], any(need[3:8])]
+    grads = _backward_op(grad_mu, grad_r, mu, r, weight, bias, bn_mean, bn_var, bn_weight,
+                         bn_bias, *ctx.args, mu_pre, r_pre, mask)
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("adcert::interval_conv2d_bn_relu", _backward,
+                                setup_context=_setup_context)
+
+
+def interval_conv2d_bn_relu(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor] = None,
+                            bn_mean: Optional[torch.Tensor] = None,
+                            bn_var: Optional[torch.Tensor] = None,
+                            bn_weight: Optional[torch.Tensor] = None,
+                            bn_bias: Optional[torch.Tensor] = None, bn_eps: float = 1e-5,
+                            stride=1, padding=0, dilation=1, groups: int = 1,
+                            relu: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused interval block. ``mu, r: [B, C_in, H, W]``, ``weight: [C_out, C_in / groups, kH,
+    kW]``, ``bias: [C_out]``; batch norm (applied when ``bn_mean`` is given) with ``bn_mean,
+    bn_var, bn_weight, bn_bias: [C_out]``; ReLU when ``relu``. Returns ``(mu', r'): [B, C_out,
+    H', W']``. Equal to ``interval_conv2d`` -> ``interval_batch_norm`` -> ``interval_relu``."""
+    check_box(mu, r, ndim=4)
+    stride, padding, dilation, groups = check_conv_args(mu, weight, bias, stride, padding,
+                                                        dilation, groups)
+    check_bn(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, weight.shape[0], mu)
+    out = _op(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), stride,
+              padding, dilation, groups, bool(relu))
+    return out[0], out[1]

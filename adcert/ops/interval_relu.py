@@ -1,0 +1,44 @@
+"""``interval_relu``: ReLU on a centre-radius box (any shape).
+
+``u = relu(mu + r)``, ``l = relu(mu - r)``: returns ``((u + l) / 2, (u - l) / 2)``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from adcert.ops._checks import check_box
+
+_op = torch.ops.adcert.interval_relu
+_backward_op = torch.ops.adcert.interval_relu_backward
+
+
+@torch.library.register_fake("adcert::interval_relu")
+def _fake(mu, r):
+    return torch.empty_like(mu), torch.empty_like(r)
+
+
+@torch.library.register_fake("adcert::interval_relu_backward")
+def _fake_backward(grad_mu, grad_r, mu, r):
+    return torch.empty_like(mu), torch.empty_like(r)
+
+
+def _setup_context(ctx, inputs, output):
+    mu, r = inputs
+    ctx.save_for_backward(mu, r)
+
+
+def _backward(ctx, grad_mu, grad_r):
+    mu, r = ctx.saved_tensors
+    g_mu, g_r = _backward_op(grad_mu, grad_r, mu, r)
+    return g_mu, g_r
+
+
+torch.library.register_autograd("adcert::interval_relu", _backward, setup_context=_setup_context)
+
+
+def interval_relu(mu: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Interval ReLU. ``mu, r``: any shape, ``r >= 0`` -> ``(mu', r')`` of the same shape."""
+    check_box(mu, r)
+    return _op(mu, r)

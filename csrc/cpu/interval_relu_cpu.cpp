@@ -1,0 +1,73 @@
+// Interval ReLU on centre-radius boxes (any shape), CPU.
+//   u = max(mu + r, 0), l = max(mu - r, 0):  mu' = (u + l) / 2,  r' = (u - l) / 2
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../checks.h"
+
+namespace adcert {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> interval_relu_cpu(const at::Tensor& mu_in, const at::Tensor& r_in) {
+  ADCERT_CHECK_BOX(mu_in, r_in);
+  const at::Tensor mu = mu_in.contiguous(), r = r_in.contiguous();
+  at::Tensor mu_out = at::empty_like(mu, at::MemoryFormat::Contiguous);
+  at::Tensor r_out = at::empty_like(r, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "adcert_interval_relu", [&] {
+    const scalar_t* __restrict__ m = mu.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ rr = r.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ mo = mu_out.mutable_data_ptr<scalar_t>();
+    scalar_t* __restrict__ ro = r_out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), 32768, [&](int64_t b, int64_t e) {
+      _Pragma("omp simd")
+      for (int64_t i = b; i < e; ++i) {
+        const scalar_t u = std::max(m[i] + rr[i], scalar_t(0));
+        const scalar_t l = std::max(m[i] - rr[i], scalar_t(0));
+        mo[i] = (u + l) * scalar_t(0.5);
+        ro[i] = (u - l) * scalar_t(0.5);
+      }
+    });
+  });
+  return {mu_out, r_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& grad_mu_in,
+                                                              const at::Tensor& grad_r_in,
+                                                              const at::Tensor& mu_in,
+                                                              const at::Tensor& r_in) {
+  ADCERT_CHECK_BOX(mu_in, r_in);
+  const at::Tensor mu = mu_in.contiguous(), r = r_in.contiguous();
+  const at::Tensor gmu = grad_mu_in.contiguous(), gr = grad_r_in.contiguous();
+  at::Tensor g_mu = at::empty_like(mu, at::MemoryFormat::Contiguous);
+  at::Tensor g_r = at::empty_like(r, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "adcert_interval_relu_backward", [&] {
+    const scalar_t* __restrict__ m = mu.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ rr = r.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gm = gmu.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ grr = gr.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ om = g_mu.mutable_data_ptr<scalar_t>();
+    scalar_t* __restrict__ orr = g_r.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), 32768, [&](int64_t b, int64_t e) {
+      _Pragma("omp simd")
+      for (int64_t i = b; i < e; ++i) {
+        const scalar_t gu = (m[i] + rr[i] > 0) ? (gm[i] + grr[i]) * scalar_t(0.5) : scalar_t(0);
+        const scalar_t gl = (m[i] - rr[i] > 0) ? (gm[i] - grr[i]) * scalar_t(0.5) : scalar_t(0);
+        om[i] = gu + gl;
+        orr[i] = gu - gl;
+      }
+    });
+  });
+  return {g_mu, g_r};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adcert, CPU, m) {
+  m.impl("interval_relu", &interval_relu_cpu);
+  m.impl("interval_relu_backward", &interval_relu_backward_cpu);
+}
+
+}  // namespace adcert
