@@ -13,6 +13,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(adcert, m) {
+  // 0 valid, 1 NaN in mu, 2 NaN in r, 3 negative r (argument checks, CPU).
+  m.def("box_status(Tensor mu, Tensor r) -> int");
   m.def("interval_linear(Tensor mu, Tensor r, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def(
       "interval_linear_backward(Tensor grad_mu, Tensor grad_r, Tensor mu, Tensor r, Tensor weight, "

@@ -171,3 +171,14 @@ def test_only_needed_gradients_are_computed():
     out = ops.interval_conv2d_bn_relu(mu, r, w, padding=1)
     (out[0].sum() + out[1].sum()).backward()
     assert w.grad is not None and mu.grad is None
+
+
+def test_backward_through_one_output_only():
+    """Using only the lower bound (mu - r) or only mu still gives the reference gradients."""
+    mu, r = random_box((2, 5))
+    w = torch.randn(3, 5, dtype=torch.float64)
+    for pick in (lambda m, s: m.sum(), lambda m, s: (m - s).sum(), lambda m, s: s.sum()):
+        w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+        pick(*ops.interval_linear_bn_relu(mu, r, w1)).backward()
+        pick(*ref.interval_linear_bn_relu(mu, r, w2)).backward()
+        torch.testing.assert_close(w1.grad, w2.grad)

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
 
@@ -28,12 +29,16 @@ def _fake_backward(grad_mu, grad_r, mu, r, weight, stride, padding, dilation, gr
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs cost no zero tensors
     mu, r, weight, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(mu, r, weight)
     ctx.geometry = (stride, padding, dilation, groups)
 
 
 def _backward(ctx, grad_mu, grad_r):
+    if grad_mu is None and grad_r is None:
+        return (None,) * len(ctx.needs_input_grad)
+    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0] or need[1], need[2], need[3]]

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_bn, check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
 
@@ -40,6 +41,7 @@ def _fake_backward(grad_mu, grad_r, mu, r, weight, bias, bn_mean, bn_var, bn_wei
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs cost no zero tensors
     (mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, stride, padding, dilation,
      groups, relu) = inputs
     mu_pre, r_pre = output[2], output[3]
@@ -49,6 +51,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_mu, grad_r, _grad_mu_pre, _grad_r_pre):
+    if grad_mu is None and grad_r is None:
+        return (None,) * len(ctx.needs_input_grad)
+    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, mu_pre, r_pre = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0] or need[1], need[2], any(need[3:8])]

@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_box, check_param
 
 _op = torch.ops.adcert.interval_linear
@@ -26,11 +27,15 @@ def _fake_backward(grad_mu, grad_r, mu, r, weight, output_mask):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs cost no zero tensors
     mu, r, weight, bias = inputs
     ctx.save_for_backward(mu, r, weight)
 
 
 def _backward(ctx, grad_mu, grad_r):
+    if grad_mu is None and grad_r is None:
+        return (None,) * len(ctx.needs_input_grad)
+    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0] or need[1], need[2], need[3]]

@@ -8,6 +8,7 @@ from typing import Tuple
 
 import torch
 
+from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_box
 
 _op = torch.ops.adcert.interval_relu
@@ -25,11 +26,15 @@ def _fake_backward(grad_mu, grad_r, mu, r):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs cost no zero tensors
     mu, r = inputs
     ctx.save_for_backward(mu, r)
 
 
 def _backward(ctx, grad_mu, grad_r):
+    if grad_mu is None and grad_r is None:
+        return (None,) * len(ctx.needs_input_grad)
+    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r = ctx.saved_tensors
     g_mu, g_r = _backward_op(grad_mu, grad_r, mu, r)
     return g_mu, g_r

@@ -16,6 +16,9 @@ struct ConvGeometry {
   int64_t groups;
 };
 
+// grad_w += sign(weight) * grad_abs in one pass (grad_w contiguous, same shape as weight).
+void add_sign_product_(at::Tensor& grad_w, const at::Tensor& weight, const at::Tensor& grad_abs);
+
 // mu, r: [B, in]; weight: [out, in] -> (mu_pre, r_pre): [B, out].
 std::tuple<at::Tensor, at::Tensor> linear_products(const at::Tensor& mu, const at::Tensor& r,
                                                    const at::Tensor& weight);

@@ -2,7 +2,28 @@
 // (oneDNN / BLAS); the weight gradient of the radius branch is folded in place with sign(W).
 #include "products.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
 namespace adcert {
+
+void add_sign_product_(at::Tensor& grad_w, const at::Tensor& weight, const at::Tensor& grad_abs) {
+  TORCH_CHECK(grad_w.is_contiguous() && grad_w.sizes() == weight.sizes(),
+              "add_sign_product_: grad_w must be contiguous with the weight's shape");
+  const at::Tensor w = weight.contiguous(), ga = grad_abs.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "adcert_add_sign_product", [&] {
+    scalar_t* __restrict__ out = grad_w.mutable_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gp = ga.const_data_ptr<scalar_t>();
+    at::parallel_for(0, w.numel(), 32768, [&](int64_t b, int64_t e) {
+      _Pragma("omp simd")
+      for (int64_t i = b; i < e; ++i) {
+        const scalar_t s = scalar_t(wp[i] > 0) - scalar_t(wp[i] < 0);
+        out[i] += s * gp[i];
+      }
+    });
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> linear_products(const at::Tensor& mu, const at::Tensor& r,
                                                    const at::Tensor& weight) {
@@ -18,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_products_backward(
     grad_r = at::mm(g_r, weight.abs());
   }
   if (mask[1]) {
-    grad_w = at::mm(g_mu.t(), mu);
-    grad_w.addcmul_(at::sign(weight), at::mm(g_r.t(), r));
+    grad_w = at::mm(g_mu.t(), mu).contiguous();
+    add_sign_product_(grad_w, weight, at::mm(g_r.t(), r));
   }
   return {grad_mu, grad_r, grad_w};
 }
@@ -50,17 +71,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_products_backward(
     return {grad_mu, grad_r, grad_w};
   }
   const std::array<bool, 3> out_mask{mask[0], mask[1], false};
+  const at::Tensor abs_w = weight.abs();
   auto [gm, gw_mu, unused0] =
       at::convolution_backward(g_mu, mu, weight, std::nullopt, geo.stride, geo.padding,
                                geo.dilation, false, {0, 0}, geo.groups, out_mask);
   auto [gr, gw_r, unused1] =
-      at::convolution_backward(g_r, r, weight.abs(), std::nullopt, geo.stride, geo.padding,
+      at::convolution_backward(g_r, r, abs_w, std::nullopt, geo.stride, geo.padding,
                                geo.dilation, false, {0, 0}, geo.groups, out_mask);
   if (mask[0]) {
     grad_mu = gm;
     grad_r = gr;
   }
-  if (mask[1]) grad_w = gw_mu.addcmul_(at::sign(weight), gw_r);
+  if (mask[1]) {
+    grad_w = gw_mu.contiguous();
+    add_sign_product_(grad_w, weight, gw_r);
+  }
   return {grad_mu, grad_r, grad_w};
 }
 
