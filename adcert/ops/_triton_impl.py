@@ -14,7 +14,8 @@ Triton epilogue); convolutions are two cuDNN calls (``F.conv2d`` forward,
 Folding the fused op's bias and batch norm into one per-channel affine map ``scale * x + shift``
 (DESIGN.md section 3; no BN: ``scale = 1``, ``shift = bias``)::
 
-    inv = rsqrt(bn_var + bn_eps)     scale = bn_weight * inv     shift = scale * (bias - bn_mean) + bn_bias
+    inv = rsqrt(bn_var + bn_eps)     scale = bn_weight * inv
+    shift = scale * (bias - bn_mean) + bn_bias
 
 and back, from the epilogue's sums ``S = sum gm``, ``Sx = sum gm * x``, ``Sr = sum grr * r``::
 
