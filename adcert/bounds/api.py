@@ -1,0 +1,101 @@
+"""``compute_bounds``: whole-model output bounds (or margin lower bounds) for an input box."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from adcert.bounds.bn import check_bn_stats
+from adcert.bounds.forward import resolve_bn_stats
+from adcert.bounds.ibp import effective_linear, ibp_forward, ibp_steps
+from adcert.bounds.inputs import (
+    Eps, check_x, check_x_for_plan, check_y, check_y_range, input_box,
+)
+from adcert.bounds.plan import LayerPlan, get_plan
+from adcert.bounds.spec import margin_lower_folded, margin_lower_from_logits
+
+Tensor = torch.Tensor
+Stats = Mapping[nn.Module, Tuple[Tensor, Tensor]]
+Result = Union[Tensor, Tuple[Tensor, Tensor]]
+# A bounding method: (plan, mu, r, resolved BN stats, y or None) -> (lb, ub), or the margin lower
+# bounds [B, C] when y is given. New methods (CROWN-IBP, CROWN, alpha-CROWN) register in METHODS;
+# input checks, the input box and BN statistics are shared and done once in compute_bounds.
+Method = Callable[[LayerPlan, Tensor, Tensor, Stats, Optional[Tensor]], Result]
+
+
+def _ibp_method(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
+                y: Optional[Tensor]) -> Result:
+    if y is None:
+        mu, r = ibp_forward(plan, mu, r, stats)
+        return mu - r, mu + r
+    final = plan.final_linear()
+    if final is not None:  # fold the margin specification into the last linear layer
+        weight, bias = effective_linear(final, stats)
+        check_y_range(y, weight.shape[0])
+        mu, r = ibp_steps(plan.steps[:-1], mu, r, stats)
+        if mu.dim() != 2:
+            raise ValueError(f"x: the last Linear expects a [B, {weight.shape[1]}] input box, "
+                             f"got shape {tuple(mu.shape)} (add an nn.Flatten before it)")
+        return margin_lower_folded(mu, r, weight, bias, y)
+    mu, r = ibp_forward(plan, mu, r, stats)
+    if mu.dim() != 2:
+        raise ValueError(f"y: margins need logits of shape [B, C], but the model outputs shape "
+                         f"{tuple(mu.shape)}")
+    check_y_range(y, mu.shape[1])
+    return margin_lower_from_logits(mu, r, y)
+
+
+METHODS: Dict[str, Method] = {"ibp": _ibp_method}
+PLANNED_METHODS = ("crown-ibp", "crown", "alpha-crown")
+
+
+def _get_method(method) -> Method:
+    key = method.lower() if isinstance(method, str) else None
+    if key in METHODS:
+        return METHODS[key]
+    supported = ", ".join(repr(m) for m in METHODS)
+    planned = " (planned, not implemented yet)" if key in PLANNED_METHODS else ""
+    raise NotImplementedError(f"method: {method!r} is not supported{planned}; "
+                              f"supported methods: {supported}")
+
+
+def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, method: str = "ibp",
+                   y: Optional[Tensor] = None, x_L: Optional[Tensor] = None,
+                   x_U: Optional[Tensor] = None, bn_stats: Optional[Stats] = None) -> Result:
+    """Bounds of ``model``'s outputs over an L-inf input box around ``x``.
+
+    Args:
+        model: an ``nn.Sequential`` (nested ones are flattened) of ``Conv2d``, ``Linear``,
+            ``BatchNorm1d/2d``, ``ReLU``, ``Flatten``, :class:`~adcert.models.Normalize`,
+            ``Identity`` and dropout (the identity for bounds).
+        x: clean inputs ``[B, *in]`` in pixel space ``[0, 1]``, the model's dtype and device.
+        eps: a float >= 0 or a per-sample tensor ``[B]``; the box is
+            ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]``.
+        method: ``"ibp"`` (CROWN-family methods are planned).
+        y: optional labels ``[B]`` (int64). If given, the result is the margin lower bounds.
+        x_L, x_U: an explicit input box ``[B, *in]`` (used as is), instead of ``eps``.
+        bn_stats: ``{bn_module: (mean, var)}`` for training-mode batch norms, e.g. from
+            :func:`~adcert.bounds.clean_bn_stats`, reused across the passes of a training step.
+            Missing ones are computed from a clean forward of ``x``. Batch norms in eval mode
+            (``model.training`` False, or the module's own flag False) always use their running
+            statistics. Running statistics are never updated.
+
+    Returns:
+        without ``y``: ``(lb, ub)``, each the model's output shape (``[B, C]`` for classifiers);
+        with ``y``: ``margins: [B, C]``, lower bounds of ``z_y - z_i`` with the ``y`` entry exactly
+        0, computed with the specification folded into the last linear layer when the model ends
+        in one; ``F.cross_entropy(-margins, y)`` is the IBP loss.
+
+    Differentiable w.r.t. the model's parameters (and ``x``, ``eps``, ``x_L``, ``x_U``). Batch-norm
+    statistics are detached. Raises ``NotImplementedError`` for unsupported modules or methods,
+    ``TypeError``/``ValueError`` naming the argument for bad inputs.
+    """
+    run = _get_method(method)
+    check_x(x)
+    plan = get_plan(model)
+    check_x_for_plan(plan, x)
+    mu, r = input_box(x, eps, x_L, x_U)
+    labels = check_y(y, x) if y is not None else None
+    stats = resolve_bn_stats(plan, x, check_bn_stats(bn_stats), model.training)
+    return run(plan, mu, r, stats, labels)

@@ -1,0 +1,96 @@
+"""The clean (point) forward pass through a :class:`~adcert.bounds.plan.LayerPlan`.
+
+It computes exactly what the model computes, with the bound engine's batch-norm convention
+(:mod:`adcert.bounds.bn`) and without touching running statistics. Its main use is
+:func:`clean_bn_stats`: the frozen clean-batch statistics of every training-mode batch norm.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adcert.bounds import bn as bnlib
+from adcert.bounds.bn import BNStats
+from adcert.bounds.inputs import check_x
+from adcert.bounds.plan import (
+    AffineStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep, get_plan,
+)
+
+Tensor = torch.Tensor
+
+
+def _batch_norm(bn: nn.Module, h: Tensor, given: Optional[Mapping],
+                collect: Optional[BNStats], model_training: bool) -> Tensor:
+    mean, var = bnlib.pick_stats(bn, h, given, collect, model_training)
+    return F.batch_norm(h, mean, var, bn.weight, bn.bias, training=False, eps=bn.eps)
+
+
+def clean_forward(plan: LayerPlan, x: Tensor, bn_stats: Optional[Mapping] = None,
+                  collect: Optional[BNStats] = None, model_training: bool = True) -> Tensor:
+    """The model's output at ``x: [B, *in]`` computed step by step (no running-stat updates).
+
+    Training-mode batch norms (see :func:`adcert.bounds.bn.uses_batch_stats`; ``model_training``
+    is the model's own ``training`` flag) use ``bn_stats[bn]`` when given, else the batch
+    statistics of their clean input, which are then stored in ``collect`` (if given)."""
+    h = x
+    for step in plan.steps:
+        if isinstance(step, NormalizeStep):
+            h = step.module(h)
+        elif isinstance(step, AffineStep):
+            layer = step.layer
+            if isinstance(layer, nn.Linear):
+                h = F.linear(h, layer.weight, layer.bias)
+            else:
+                h = F.conv2d(h, layer.weight, layer.bias, layer.stride, layer.padding,
+                             layer.dilation, layer.groups)
+            if step.bn is not None:
+                h = _batch_norm(step.bn, h, bn_stats, collect, model_training)
+            if step.relu:
+                h = torch.relu(h)
+        elif isinstance(step, BatchNormStep):
+            h = _batch_norm(step.bn, h, bn_stats, collect, model_training)
+            if step.relu:
+                h = torch.relu(h)
+        elif isinstance(step, ReluStep):
+            h = torch.relu(h)
+        elif isinstance(step, FlattenStep):
+            h = step.module(h)
+        else:  # pragma: no cover
+            raise NotImplementedError(f"clean_forward: no rule for {type(step).__name__}")
+    return h
+
+
+def clean_bn_stats(model: nn.Module, x: Tensor) -> BNStats:
+    """Frozen clean-batch statistics ``{bn_module: (mean, var)}`` (both ``[C]``, detached) for every
+    batch norm of ``model`` that is in training mode (``model.training`` and the module's own
+    flag, or no running statistics), from one clean forward of ``x: [B, *in]``.
+
+    Pass the result as ``compute_bounds(..., bn_stats=...)`` to reuse the same statistics for
+    every attack and bound pass of a training step (DESIGN.md section 5). Eval-mode batch norms
+    use their running statistics and are not included. Running statistics are not updated.
+    """
+    check_x(x)
+    plan = get_plan(model)
+    collect: BNStats = {}
+    with torch.no_grad():
+        clean_forward(plan, x, None, collect, model.training)
+    return collect
+
+
+def resolve_bn_stats(plan: LayerPlan, x: Tensor, given: Optional[Mapping],
+                     model_training: bool) -> BNStats:
+    """The ``(mean, var)`` every batch norm of ``plan`` is to use in a bound pass: running
+    statistics in eval mode; ``given[bn]`` or the clean-batch statistics of ``x`` in training
+    mode (one clean forward, only if some training-mode batch norm is missing from ``given``).
+    ``model_training``: the model's own ``training`` flag."""
+    bns = plan.batch_norms()
+    missing = [m for m in bns if bnlib.uses_batch_stats(m, model_training)
+               and (given is None or m not in given)]
+    merged = dict(given) if given is not None else {}
+    if missing:
+        with torch.no_grad():
+            clean_forward(plan, x, given, merged, model_training)
+    return {m: bnlib.pick_stats(m, None, merged, None, model_training) for m in bns}

@@ -1,0 +1,128 @@
+"""Interval bound propagation over a :class:`~adcert.bounds.plan.LayerPlan`.
+
+Boxes are centre-radius ``(mu, r)`` (DESIGN.md section 3). Each step is one call of a public
+:mod:`adcert.ops` op -- an :class:`AffineStep` is a single fused
+``interval_{conv2d,linear}_bn_relu``
+-- except Normalize and Flatten, which are exact and cheap in plain torch. The ops are looked up on
+:mod:`adcert.ops` at call time, so whichever backend it exports (reference or compiled) is used.
+
+No host synchronisation happens here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+from adcert import ops
+from adcert.bounds import bn as bnlib
+from adcert.bounds.plan import (
+    AffineStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep, Step,
+)
+
+Tensor = torch.Tensor
+Box = Tuple[Tensor, Tensor]
+Stats = Mapping[nn.Module, Tuple[Tensor, Tensor]]
+
+
+def conv_padding(layer: nn.Conv2d) -> Tuple[int, int]:
+    """``layer.padding`` as an int pair (``'valid'`` -> 0, symmetric ``'same'`` resolved)."""
+    if not isinstance(layer.padding, str):
+        return tuple(int(p) for p in layer.padding)  # type: ignore[return-value]
+    if layer.padding == "valid":
+        return (0, 0)
+    pads = []
+    for k, d in zip(layer.kernel_size, layer.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise NotImplementedError(
+                f"model: Conv2d with padding='same' and an even kernel {tuple(layer.kernel_size)}"
+                " pads asymmetrically, which compute_bounds does not support")
+        pads.append(total // 2)
+    return (pads[0], pads[1])
+
+
+def _bn_args(bn: Optional[nn.Module], stats: Stats) -> dict:
+    if bn is None:
+        return {}
+    mean, var = stats[bn]
+    return dict(bn_mean=mean, bn_var=var, bn_weight=bn.weight, bn_bias=bn.bias, bn_eps=bn.eps)
+
+
+def _affine(step: AffineStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    layer = step.layer
+    bn_kw = _bn_args(step.bn, stats)
+    if isinstance(layer, nn.Linear):
+        if mu.dim() != 2:
+            raise ValueError(f"x: {layer} expects a [B, {layer.in_features}] input box, got shape "
+                             f"{tuple(mu.shape)} (add an nn.Flatten before it)")
+        return ops.interval_linear_bn_relu(mu, r, layer.weight, layer.bias, relu=step.relu,
+                                           **bn_kw)
+    return ops.interval_conv2d_bn_relu(mu, r, layer.weight, layer.bias,
+                                       stride=tuple(layer.stride), padding=conv_padding(layer),
+                                       dilation=tuple(layer.dilation), groups=layer.groups,
+                                       relu=step.relu, **bn_kw)
+
+
+def _batch_norm(step: BatchNormStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    mean, var = stats[step.bn]
+    mu, r = ops.interval_batch_norm(mu, r, mean, var, step.bn.weight, step.bn.bias, step.bn.eps)
+    if step.relu:
+        mu, r = ops.interval_relu(mu, r)
+    return mu, r
+
+
+def _normalize(step: NormalizeStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    m = step.module
+    std = m.channel_view(m.std, mu)
+    # |std|: sound even if the buffer was overwritten with negative values after construction
+    return (mu - m.channel_view(m.mean, mu)) / std, r / std.abs()
+
+
+def _relu(step: ReluStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    return ops.interval_relu(mu, r)
+
+
+def _flatten(step: FlattenStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    start = step.module.start_dim % mu.dim()
+    if start == 0:
+        raise NotImplementedError("model: an nn.Flatten that merges the batch dimension "
+                                  "(start_dim=0) is not supported")
+    return step.module(mu), step.module(r)
+
+
+IBP_RULES: Dict[Type[Step], Callable[[Step, Tensor, Tensor, Stats], Box]] = {
+    AffineStep: _affine,  # type: ignore[dict-item]
+    BatchNormStep: _batch_norm,  # type: ignore[dict-item]
+    NormalizeStep: _normalize,  # type: ignore[dict-item]
+    ReluStep: _relu,  # type: ignore[dict-item]
+    FlattenStep: _flatten,  # type: ignore[dict-item]
+}
+
+
+def ibp_steps(steps: Sequence[Step], mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    """Propagate the box ``(mu, r)`` through ``steps``; ``stats`` holds ``(mean, var)`` for every
+    batch norm among them (see :func:`adcert.bounds.forward.resolve_bn_stats`)."""
+    for step in steps:
+        mu, r = IBP_RULES[type(step)](step, mu, r, stats)
+    return mu, r
+
+
+def ibp_forward(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    """The output box ``(mu, r)`` of the whole plan for the input box ``(mu, r): [B, *in]``."""
+    return ibp_steps(plan.steps, mu, r, stats)
+
+
+def effective_linear(step: AffineStep, stats: Stats) -> Tuple[Tensor, Tensor]:
+    """A final ``Linear`` (+ batch norm) step as one affine map ``z = W h + b``;
+    ``W: [C, K]``, ``b: [C]`` (the batch norm folded in with its resolved statistics)."""
+    layer = step.layer
+    weight = layer.weight
+    bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
+    if step.bn is not None:
+        mean, var = stats[step.bn]
+        scale, shift = bnlib.bn_scale_shift(step.bn, mean, var)
+        weight = weight * scale[:, None]
+        bias = bias * scale + shift
+    return weight, bias

@@ -1,0 +1,255 @@
+"""The layer plan: a model's module list turned, once, into a short list of bound-propagation steps.
+
+``nn.Sequential`` models (nested ``Sequential``s are flattened) of the supported modules become a
+:class:`LayerPlan`. ``Conv2d``/``Linear`` followed by an optional ``BatchNorm`` and an optional
+``ReLU`` become ONE :class:`AffineStep`, which the IBP pass runs as one fused op
+(``interval_conv2d_bn_relu`` / ``interval_linear_bn_relu``). ``Identity`` and dropout are dropped
+(dropout is the identity for bounds). The plan holds only structure -- module references -- and
+reads parameters, batch-norm mode and layer hyper-parameters when it is run, so it stays valid
+across optimiser steps and ``train()``/``eval()`` switches.
+
+Plans are cached per model (weakly, so a cached plan never keeps a model alive) and rebuilt when
+the flattened module list changes (a layer appended, replaced or removed).
+
+The plan is method-agnostic: IBP (:mod:`adcert.bounds.ibp`) and the clean forward
+(:mod:`adcert.bounds.forward`) dispatch on the step types; CROWN-family methods are meant to walk
+the same steps backwards.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Type, Union
+
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
+
+from adcert.models.normalize import Normalize
+
+BatchNorm = Union[nn.BatchNorm1d, nn.BatchNorm2d]
+
+
+@dataclass(frozen=True, eq=False)
+class NormalizeStep:
+    """``(x - mean) / std`` (exact affine map)."""
+    module: Normalize
+
+
+@dataclass(frozen=True, eq=False)
+class AffineStep:
+    """``Conv2d`` or ``Linear`` (+ bias), then optionally a batch norm, then optionally ReLU.
+
+    ``modules`` are the original modules fused into this step, in order (for error messages and
+    for methods that need per-layer state, e.g. alpha-CROWN's per-ReLU slopes)."""
+    layer: Union[nn.Conv2d, nn.Linear]
+    bn: Optional[BatchNorm]
+    relu: bool
+    modules: Tuple[nn.Module, ...]
+
+    @property
+    def is_linear(self) -> bool:
+        return isinstance(self.layer, nn.Linear)
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormStep:
+    """A batch norm not preceded by a conv/linear (e.g. first layer, or after a ReLU), then
+    optionally ReLU."""
+    bn: BatchNorm
+    relu: bool
+    modules: Tuple[nn.Module, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class ReluStep:
+    """A ReLU not fused into a preceding affine step."""
+    module: nn.ReLU
+
+
+@dataclass(frozen=True, eq=False)
+class FlattenStep:
+    """``torch.flatten(x, start_dim, end_dim)``; the batch dimension is never merged."""
+    module: nn.Flatten
+
+
+Step = Union[NormalizeStep, AffineStep, BatchNormStep, ReluStep, FlattenStep]
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """A model compiled to bound-propagation steps.
+
+    ``modules``: the flattened leaf modules the plan was built from (the cache key);
+    ``steps``: the steps, in order.
+    """
+    modules: Tuple[nn.Module, ...]
+    steps: Tuple[Step, ...]
+
+    def batch_norms(self) -> List[BatchNorm]:
+        """Every batch-norm module in the plan, in order."""
+        out: List[BatchNorm] = []
+        for step in self.steps:
+            bn = getattr(step, "bn", None)
+            if bn is not None:
+                out.append(bn)
+        return out
+
+    def final_linear(self) -> Optional[AffineStep]:
+        """The last step if it is a ``Linear`` (+ optional batch norm) WITHOUT ReLU, i.e. an affine
+        map into which a linear specification can be folded; else ``None``."""
+        if self.steps:
+            last = self.steps[-1]
+            if isinstance(last, AffineStep) and last.is_linear and not last.relu:
+                return last
+        return None
+
+    def first_layer(self) -> Optional[nn.Module]:
+        """The first conv/linear/batch-norm/flatten module (the one that fixes the input rank)."""
+        for step in self.steps:
+            if isinstance(step, AffineStep):
+                return step.layer
+            if isinstance(step, BatchNormStep):
+                return step.bn
+            if isinstance(step, FlattenStep):
+                return step.module
+        return None
+
+
+# Supported leaf modules. A subclass is accepted only if it does not override ``forward``: the
+# engine never calls the modules, so a different forward would be silently mis-bounded.
+_AFFINE: Tuple[Type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+_BATCH_NORM: Tuple[Type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+_SKIPPED: Tuple[Type[nn.Module], ...] = (nn.Identity, _DropoutNd)
+SUPPORTED_MODULES: Tuple[Type[nn.Module], ...] = (
+    nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, Normalize,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+
+
+def _supported_names() -> str:
+    return ", ".join(c.__name__ for c in SUPPORTED_MODULES) + " (inside nn.Sequential)"
+
+
+def _unsupported(module: nn.Module, index: int, why: str = "") -> NotImplementedError:
+    extra = f" ({why})" if why else ""
+    return NotImplementedError(
+        f"model: module {index} of type {type(module).__name__} is not supported by "
+        f"compute_bounds{extra}; supported modules: {_supported_names()}")
+
+
+def _base_class(module: nn.Module) -> Optional[Type[nn.Module]]:
+    """The supported class ``module`` is an instance of, provided it keeps that class's forward."""
+    for cls in SUPPORTED_MODULES + (_DropoutNd,):
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return cls
+    return None
+
+
+def flatten_modules(model: nn.Module) -> Tuple[nn.Module, ...]:
+    """The leaf modules of ``model``, with nested ``nn.Sequential`` containers flattened."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
+        return (model,)
+    if model._forward_pre_hooks or model._forward_hooks:  # noqa: SLF001
+        raise NotImplementedError(f"model: the {type(model).__name__} container has forward hooks, "
+                                  "which compute_bounds would ignore; remove them")
+    out: List[nn.Module] = []
+    for child in model.children():
+        out.extend(flatten_modules(child))
+    return tuple(out)
+
+
+def _check_module(module: nn.Module, index: int) -> None:
+    """Refuse what the engine could silently get wrong."""
+    if _base_class(module) is None:
+        raise _unsupported(module, index)
+    if module._forward_pre_hooks or module._forward_hooks:  # noqa: SLF001
+        raise _unsupported(module, index, "it has forward hooks, which compute_bounds would "
+                                          "ignore (e.g. weight_norm/pruning); remove them")
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise _unsupported(module, index, f"padding_mode={module.padding_mode!r}; "
+                                              "only 'zeros' is supported")
+        if isinstance(module.padding, str) and module.padding not in ("valid", "same"):
+            raise _unsupported(module, index, f"padding={module.padding!r}")
+
+
+def _is(module: nn.Module, classes: Tuple[Type[nn.Module], ...]) -> bool:
+    return isinstance(module, classes)
+
+
+def build_plan(model: nn.Module) -> LayerPlan:
+    """Build (without caching) the :class:`LayerPlan` of ``model``.
+
+    Raises ``NotImplementedError`` naming the first unsupported module and listing the supported
+    ones."""
+    modules = flatten_modules(model)
+    for i, m in enumerate(modules):
+        _check_module(m, i)
+    kept = [m for m in modules if not _is(m, _SKIPPED)]
+    steps: List[Step] = []
+    i = 0
+    while i < len(kept):
+        m = kept[i]
+        if isinstance(m, Normalize):
+            steps.append(NormalizeStep(m))
+            i += 1
+        elif _is(m, _AFFINE) or _is(m, _BATCH_NORM):
+            group: List[nn.Module] = [m]
+            j = i + 1
+            bn = m if _is(m, _BATCH_NORM) else None
+            if bn is None and j < len(kept) and _is(kept[j], _BATCH_NORM) and \
+                    _bn_matches(m, kept[j]):
+                bn = kept[j]
+                group.append(bn)
+                j += 1
+            relu = j < len(kept) and isinstance(kept[j], nn.ReLU)
+            if relu:
+                group.append(kept[j])
+                j += 1
+            if _is(m, _AFFINE):
+                steps.append(AffineStep(m, bn, relu, tuple(group)))  # type: ignore[arg-type]
+            else:
+                steps.append(BatchNormStep(m, relu, tuple(group)))  # type: ignore[arg-type]
+            i = j
+        elif isinstance(m, nn.ReLU):
+            steps.append(ReluStep(m))
+            i += 1
+        elif isinstance(m, nn.Flatten):
+            steps.append(FlattenStep(m))
+            i += 1
+        else:  # pragma: no cover - _check_module guards this
+            raise _unsupported(m, i)
+    return LayerPlan(modules=modules, steps=tuple(steps))
+
+
+def _bn_matches(layer: nn.Module, bn: nn.Module) -> bool:
+    """Fuse only a BatchNorm2d after a Conv2d / a BatchNorm1d after a Linear."""
+    if isinstance(layer, nn.Conv2d):
+        return isinstance(bn, nn.BatchNorm2d)
+    return isinstance(bn, nn.BatchNorm1d)
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, LayerPlan]" = weakref.WeakKeyDictionary()
+
+
+def _same_modules(a: Tuple[nn.Module, ...], b: Tuple[nn.Module, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def get_plan(model: nn.Module) -> LayerPlan:
+    """The cached :class:`LayerPlan` of ``model``, rebuilt if its module list changed.
+
+    Cost on a cache hit: one walk over the module list (no tensor work)."""
+    modules = flatten_modules(model)
+    plan = _CACHE.get(model) if isinstance(model, nn.Sequential) else None
+    if plan is not None and _same_modules(plan.modules, modules):
+        for i, m in enumerate(modules):  # hooks may have been added since the plan was built
+            if m._forward_pre_hooks or m._forward_hooks:  # noqa: SLF001
+                _check_module(m, i)
+        return plan
+    plan = build_plan(model)
+    if isinstance(model, nn.Sequential):  # a leaf model would be its own plan's key: no cache
+        _CACHE[model] = plan
+    return plan

@@ -1,0 +1,47 @@
+"""The margin specification ``z_y - z_i`` (DESIGN.md sections 6-7).
+
+The tight way (used whenever the model ends in a ``Linear`` without ReLU): fold the specification
+into that layer, i.e. bound ``(W_y - W_i) h + (b_y - b_i)`` with a per-sample weight
+``[B, C, K]`` over the box of the last hidden layer ``h``. This is never looser than subtracting
+logit bounds, ``lb_y - ub_i``, which is the fallback for other models.
+
+In both cases the ``y`` entry of the result is exactly 0, so ``F.cross_entropy(-margins, y)`` is
+the IBP loss ``CE([0, -m_lb], 0)``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _zero_label_entry(margins: Tensor, y: Tensor) -> Tensor:
+    classes = torch.arange(margins.shape[1], device=margins.device)
+    is_y = classes.unsqueeze(0) == y.unsqueeze(1)
+    return torch.where(is_y, torch.zeros((), dtype=margins.dtype, device=margins.device), margins)
+
+
+def fold_margin_spec(weight: Tensor, bias: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-sample margin layer: ``W_spec[b, i] = W[y_b] - W[i]``, ``b_spec[b, i] = b[y_b] - b[i]``.
+
+    ``weight: [C, K]``, ``bias: [C]``, ``y: [B]`` -> ``W_spec: [B, C, K]``, ``b_spec: [B, C]``
+    (the ``y`` row is exactly zero)."""
+    return weight[y].unsqueeze(1) - weight.unsqueeze(0), bias[y].unsqueeze(1) - bias.unsqueeze(0)
+
+
+def margin_lower_folded(mu: Tensor, r: Tensor, weight: Tensor, bias: Tensor, y: Tensor) -> Tensor:
+    """Lower bounds ``[B, C]`` of ``z_y - z_i`` where ``z = weight h + bias`` and ``h`` lies in the
+    box ``(mu, r): [B, K]``; the ``y`` entry is 0."""
+    w_spec, b_spec = fold_margin_spec(weight, bias, y)
+    centre = torch.einsum("bck,bk->bc", w_spec, mu) + b_spec
+    radius = torch.einsum("bck,bk->bc", w_spec.abs(), r)
+    return _zero_label_entry(centre - radius, y)
+
+
+def margin_lower_from_logits(mu: Tensor, r: Tensor, y: Tensor) -> Tensor:
+    """Lower bounds ``[B, C]`` of ``z_y - z_i`` from a logit box ``(mu, r): [B, C]``:
+    ``lb_y - ub_i``; the ``y`` entry is 0."""
+    lower_y = (mu - r).gather(1, y[:, None])
+    return _zero_label_entry(lower_y - (mu + r), y)

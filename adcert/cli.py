@@ -1,0 +1,63 @@
+"""The ``adcert`` command line.
+
+    adcert demo [--epochs N] [--eps E] [--seed S]   IBP certified training on the bundled digits
+    adcert bench [runner args]                      the op benchmarks (needs a source checkout)
+    adcert info                                     versions, extension and kernel status
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import platform
+import runpy
+import sys
+
+
+def _info(_args) -> int:
+    import torch
+
+    import adcert
+    from adcert import ops
+    from adcert.ops._extension import triton_available
+
+    print(f"adcert {adcert.__version__} (python {platform.python_version()}, torch "
+          f"{torch.__version__})")
+    print(f"compiled extension: {ops._extension.load_extension().__file__}")
+    print(f"triton importable: {triton_available()}; CUDA available: "
+          f"{torch.cuda.is_available()}; Triton CUDA kernels registered: {ops.GPU_KERNELS}")
+    return 0
+
+
+def _bench(args) -> int:
+    runner = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not runner.exists():
+        print("adcert bench: benchmarks/run.py not found; run it from a source checkout of "
+              "adcert (the benchmarks are not part of the installed package)", file=sys.stderr)
+        return 2
+    sys.argv = [str(runner)] + args.rest
+    runpy.run_path(str(runner), run_name="__main__")
+    return 0
+
+
+def _demo(args) -> int:
+    from adcert import demo
+
+    return demo.main(args.rest)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="adcert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (("demo", _demo, "IBP certified training on the bundled digits"),
+                           ("bench", _bench, "run the op benchmarks"),
+                           ("info", _info, "versions and kernel status")):
+        p = sub.add_parser(name, help=text, add_help=(name == "info"))
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=fn)
+    args = parser.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
