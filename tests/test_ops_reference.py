@@ -182,3 +182,18 @@ def test_backward_through_one_output_only():
         pick(*ops.interval_linear_bn_relu(mu, r, w1)).backward()
         pick(*ref.interval_linear_bn_relu(mu, r, w2)).backward()
         torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_large_linear_weight_takes_the_blocked_path(dtype, fused):
+    """Weights of >= 2^20 entries run the radius products block by block (|W| never fully
+    materialised); 20 rows in blocks of 8 also covers a ragged last block."""
+    mu, r = random_box((3, 65536))
+    w = torch.randn(20, 65536, dtype=torch.float64) / 256
+    b = torch.randn(20, dtype=torch.float64)
+    if fused:
+        _run_both(ops.interval_linear_bn_relu, ref.interval_linear_bn_relu,
+                  [mu, r, w, b, *random_bn(20)], dict(bn_eps=1e-3), dtype, "cpu")
+    else:
+        _run_both(ops.interval_linear, ref.interval_linear, [mu, r, w, b], {}, dtype, "cpu")

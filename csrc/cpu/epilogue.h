@@ -16,6 +16,19 @@
 
 namespace adcert {
 
+// ReLU as a select that compilers turn into vector blends (std::max compiles to branches in
+// these loops, and mispredicted branches cost ~10x). NaN propagates: NaN < 0 is false.
+template <typename T>
+inline T relu0(T x) {
+  return x < T(0) ? T(0) : x;
+}
+
+// The ReLU's gradient gate: v where x > 0, else 0 (both sides computed, so it vectorises).
+template <typename T>
+inline T pass_if_positive(T x, T v) {
+  return x > T(0) ? v : T(0);
+}
+
 // Per-channel affine of "conv/linear (+ bias) (+ batch norm)":
 //   inv = 1 / sqrt(var + eps), scale = bn_weight * inv, shift = scale * (bias - mean) + bn_bias.
 // Without batch norm: scale = 1, shift = bias (or 0). All tensors are [C].

@@ -47,8 +47,8 @@ inline void forward_one(T m_in, T r_in, T sc, T asc, T sh, bool relu, T& mo, T& 
   const T m = sc * m_in + sh;
   const T rr = asc * r_in;
   if (relu) {
-    const T u = std::max(m + rr, T(0));
-    const T l = std::max(m - rr, T(0));
+    const T u = relu0(m + rr);
+    const T l = relu0(m - rr);
     mo = (u + l) * T(0.5);
     ro = (u - l) * T(0.5);
   } else {
@@ -100,7 +100,7 @@ void epilogue_forward(const at::Tensor& mu_pre, const at::Tensor& r_pre, const a
           if (relu) {
             for (int64_t i = 0; i < S; ++i) {
               const scalar_t m = s * mpp[i] + t, rr = as * rpp[i];
-              const scalar_t u = std::max(m + rr, scalar_t(0)), l = std::max(m - rr, scalar_t(0));
+              const scalar_t u = relu0(m + rr), l = relu0(m - rr);
               mop[i] = (u + l) * scalar_t(0.5);
               rop[i] = (u - l) * scalar_t(0.5);
             }
@@ -152,8 +152,8 @@ EpilogueGrads epilogue_backward(const at::Tensor& grad_mu_in, const at::Tensor& 
                 scalar_t gm = gmo[i], grr = gro[i];
                 if (relu) {
                   const scalar_t m = s * mp[i] + sh[c], rr = as * rp[i];
-                  const scalar_t gu = (m + rr > 0) ? (gm + grr) * scalar_t(0.5) : scalar_t(0);
-                  const scalar_t gl = (m - rr > 0) ? (gm - grr) * scalar_t(0.5) : scalar_t(0);
+                  const scalar_t gu = pass_if_positive(m + rr, (gm + grr) * scalar_t(0.5));
+                  const scalar_t gl = pass_if_positive(m - rr, (gm - grr) * scalar_t(0.5));
                   gm = gu + gl;
                   grr = gu - gl;
                 }
@@ -183,8 +183,8 @@ EpilogueGrads epilogue_backward(const at::Tensor& grad_mu_in, const at::Tensor& 
                 scalar_t gm = gmop[i], grr = grop[i];
                 if (relu) {
                   const scalar_t m = s * mpp[i] + t, rr = as * rpp[i];
-                  const scalar_t gu = (m + rr > 0) ? (gm + grr) * scalar_t(0.5) : scalar_t(0);
-                  const scalar_t gl = (m - rr > 0) ? (gm - grr) * scalar_t(0.5) : scalar_t(0);
+                  const scalar_t gu = pass_if_positive(m + rr, (gm + grr) * scalar_t(0.5));
+                  const scalar_t gl = pass_if_positive(m - rr, (gm - grr) * scalar_t(0.5));
                   gm = gu + gl;
                   grr = gu - gl;
                 }

@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "../checks.h"
+#include "epilogue.h"
 
 namespace adcert {
 namespace {
@@ -17,15 +18,20 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_cpu(const at::Tensor& mu_in, co
   at::Tensor mu_out = at::empty_like(mu, at::MemoryFormat::Contiguous);
   at::Tensor r_out = at::empty_like(r, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "adcert_interval_relu", [&] {
-    const scalar_t* __restrict__ m = mu.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ rr = r.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ mo = mu_out.mutable_data_ptr<scalar_t>();
-    scalar_t* __restrict__ ro = r_out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, mu.numel(), 32768, [&](int64_t b, int64_t e) {
+    const scalar_t* m_base = mu.const_data_ptr<scalar_t>();
+    const scalar_t* r_base = r.const_data_ptr<scalar_t>();
+    scalar_t* mo_base = mu_out.mutable_data_ptr<scalar_t>();
+    scalar_t* ro_base = r_out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), 32768, [=](int64_t b, int64_t e) {
+      // Local restrict pointers (not captured references) so the loop vectorises.
+      const scalar_t* __restrict__ m = m_base;
+      const scalar_t* __restrict__ rr = r_base;
+      scalar_t* __restrict__ mo = mo_base;
+      scalar_t* __restrict__ ro = ro_base;
       _Pragma("omp simd")
       for (int64_t i = b; i < e; ++i) {
-        const scalar_t u = std::max(m[i] + rr[i], scalar_t(0));
-        const scalar_t l = std::max(m[i] - rr[i], scalar_t(0));
+        const scalar_t u = relu0(m[i] + rr[i]);
+        const scalar_t l = relu0(m[i] - rr[i]);
         mo[i] = (u + l) * scalar_t(0.5);
         ro[i] = (u - l) * scalar_t(0.5);
       }
@@ -44,17 +50,23 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& 
   at::Tensor g_mu = at::empty_like(mu, at::MemoryFormat::Contiguous);
   at::Tensor g_r = at::empty_like(r, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "adcert_interval_relu_backward", [&] {
-    const scalar_t* __restrict__ m = mu.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ rr = r.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gm = gmu.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ grr = gr.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ om = g_mu.mutable_data_ptr<scalar_t>();
-    scalar_t* __restrict__ orr = g_r.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, mu.numel(), 32768, [&](int64_t b, int64_t e) {
+    const scalar_t* m_base = mu.const_data_ptr<scalar_t>();
+    const scalar_t* r_base = r.const_data_ptr<scalar_t>();
+    const scalar_t* gm_base = gmu.const_data_ptr<scalar_t>();
+    const scalar_t* gr_base = gr.const_data_ptr<scalar_t>();
+    scalar_t* om_base = g_mu.mutable_data_ptr<scalar_t>();
+    scalar_t* or_base = g_r.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), 32768, [=](int64_t b, int64_t e) {
+      const scalar_t* __restrict__ m = m_base;
+      const scalar_t* __restrict__ rr = r_base;
+      const scalar_t* __restrict__ gm = gm_base;
+      const scalar_t* __restrict__ grr = gr_base;
+      scalar_t* __restrict__ om = om_base;
+      scalar_t* __restrict__ orr = or_base;
       _Pragma("omp simd")
       for (int64_t i = b; i < e; ++i) {
-        const scalar_t gu = (m[i] + rr[i] > 0) ? (gm[i] + grr[i]) * scalar_t(0.5) : scalar_t(0);
-        const scalar_t gl = (m[i] - rr[i] > 0) ? (gm[i] - grr[i]) * scalar_t(0.5) : scalar_t(0);
+        const scalar_t gu = pass_if_positive(m[i] + rr[i], (gm[i] + grr[i]) * scalar_t(0.5));
+        const scalar_t gl = pass_if_positive(m[i] - rr[i], (gm[i] - grr[i]) * scalar_t(0.5));
         om[i] = gu + gl;
         orr[i] = gu - gl;
       }
