@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import eager_autograd_function
 from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_bn, check_box
 
@@ -45,6 +46,7 @@ def _backward(ctx, grad_mu, grad_r):
     return (*grads, None)
 
 
+_Function = eager_autograd_function("IntervalBatchNorm", _op, _setup_context, _backward)
 torch.library.register_autograd("adcert::interval_batch_norm", _backward,
                                 setup_context=_setup_context)
 
@@ -60,4 +62,4 @@ def interval_batch_norm(mu: torch.Tensor, r: torch.Tensor, mean: torch.Tensor, v
     if mean is None or var is None:
         raise TypeError("mean, var: interval_batch_norm needs both statistics as tensors")
     check_bn(mean, var, weight, bias, eps, mu.shape[1], mu)
-    return _op(mu, r, mean, var, weight, bias, float(eps))
+    return _Function.apply(mu, r, mean, var, weight, bias, float(eps))

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import eager_autograd_function
 from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
@@ -46,6 +47,7 @@ def _backward(ctx, grad_mu, grad_r):
     return (*grads, None, None, None, None)
 
 
+_Function = eager_autograd_function("IntervalConv2d", _op, _setup_context, _backward)
 torch.library.register_autograd("adcert::interval_conv2d", _backward, setup_context=_setup_context)
 
 
@@ -57,4 +59,4 @@ def interval_conv2d(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
     check_box(mu, r, ndim=4)
     stride, padding, dilation, groups = check_conv_args(mu, weight, bias, stride, padding,
                                                         dilation, groups)
-    return _op(mu, r, weight, bias, stride, padding, dilation, groups)
+    return _Function.apply(mu, r, weight, bias, stride, padding, dilation, groups)

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import eager_autograd_function
 from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_bn, check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
@@ -62,6 +63,7 @@ def _backward(ctx, grad_mu, grad_r, _grad_mu_pre, _grad_r_pre):
     return (*grads, None, None, None, None, None, None)
 
 
+_Function = eager_autograd_function("IntervalConv2dBnRelu", _op, _setup_context, _backward)
 torch.library.register_autograd("adcert::interval_conv2d_bn_relu", _backward,
                                 setup_context=_setup_context)
 
@@ -82,6 +84,6 @@ def interval_conv2d_bn_relu(mu: torch.Tensor, r: torch.Tensor, weight: torch.Ten
     stride, padding, dilation, groups = check_conv_args(mu, weight, bias, stride, padding,
                                                         dilation, groups)
     check_bn(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, weight.shape[0], mu)
-    out = _op(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), stride,
+    out = _Function.apply(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), stride,
               padding, dilation, groups, bool(relu))
     return out[0], out[1]

@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import eager_autograd_function
 from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_box, check_param
 
@@ -43,6 +44,7 @@ def _backward(ctx, grad_mu, grad_r):
     return g_mu, g_r, g_w, g_b
 
 
+_Function = eager_autograd_function("IntervalLinear", _op, _setup_context, _backward)
 torch.library.register_autograd("adcert::interval_linear", _backward, setup_context=_setup_context)
 
 
@@ -60,5 +62,5 @@ def interval_linear(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
     check_param("bias", bias, mu, (weight.shape[0],), optional=True)
     lead = mu.shape[:-1]
     mu2, r2 = mu.reshape(-1, mu.shape[-1]), r.reshape(-1, r.shape[-1])
-    out_mu, out_r = _op(mu2, r2, weight, bias)
+    out_mu, out_r = _Function.apply(mu2, r2, weight, bias)
     return out_mu.reshape(*lead, weight.shape[0]), out_r.reshape(*lead, weight.shape[0])

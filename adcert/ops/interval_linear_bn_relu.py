@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from adcert.ops._grads import eager_autograd_function
 from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_bn, check_box, check_param
 
@@ -58,6 +59,7 @@ def _backward(ctx, grad_mu, grad_r, _grad_mu_pre, _grad_r_pre):
     return (*grads, None, None)
 
 
+_Function = eager_autograd_function("IntervalLinearBnRelu", _op, _setup_context, _backward)
 torch.library.register_autograd("adcert::interval_linear_bn_relu", _backward,
                                 setup_context=_setup_context)
 
@@ -80,5 +82,5 @@ def interval_linear_bn_relu(mu: torch.Tensor, r: torch.Tensor, weight: torch.Ten
                          f"{tuple(mu.shape)}, got {tuple(weight.shape)}")
     check_param("bias", bias, mu, (weight.shape[0],), optional=True)
     check_bn(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, weight.shape[0], mu)
-    out = _op(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), bool(relu))
+    out = _Function.apply(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), bool(relu))
     return out[0], out[1]

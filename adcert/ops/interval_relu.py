@@ -8,6 +8,7 @@ from typing import Tuple
 
 import torch
 
+from adcert.ops._grads import eager_autograd_function
 from adcert.ops._grads import materialize as _materialize
 from adcert.ops._checks import check_box
 
@@ -40,10 +41,11 @@ def _backward(ctx, grad_mu, grad_r):
     return g_mu, g_r
 
 
+_Function = eager_autograd_function("IntervalRelu", _op, _setup_context, _backward)
 torch.library.register_autograd("adcert::interval_relu", _backward, setup_context=_setup_context)
 
 
 def interval_relu(mu: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Interval ReLU. ``mu, r``: any shape, ``r >= 0`` -> ``(mu', r')`` of the same shape."""
     check_box(mu, r)
-    return _op(mu, r)
+    return _Function.apply(mu, r)
