@@ -12,14 +12,11 @@ import torch
 
 from adcert.ops._grads import eager_autograd_function
 from adcert.ops._grads import materialize as _materialize
+from adcert.ops._fused import block_output_mask, fake_block_backward
 from adcert.ops._checks import check_bn, check_box, check_param
 
 _op = torch.ops.adcert.interval_linear_bn_relu
 _backward_op = torch.ops.adcert.interval_linear_bn_relu_backward
-
-
-def _like_or_none(t):
-    return None if t is None else torch.empty_like(t)
 
 
 @torch.library.register_fake("adcert::interval_linear_bn_relu")
@@ -31,11 +28,8 @@ def _fake(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, relu
 @torch.library.register_fake("adcert::interval_linear_bn_relu_backward")
 def _fake_backward(grad_mu, grad_r, mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias,
                    bn_eps, relu, mu_pre, r_pre, output_mask):
-    g_in, g_w, g_p = output_mask
-    params = [(_like_or_none(t) if g_p else None) for t in (bias, bn_mean, bn_var, bn_weight,
-                                                           bn_bias)]
-    return (torch.empty_like(mu) if g_in else None, torch.empty_like(r) if g_in else None,
-            torch.empty_like(weight) if g_w else None, *params)
+    return fake_block_backward(mu, r, weight, (bias, bn_mean, bn_var, bn_weight, bn_bias),
+                               output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -52,8 +46,7 @@ def _backward(ctx, grad_mu, grad_r, _grad_mu_pre, _grad_r_pre):
         return (None,) * len(ctx.needs_input_grad)
     grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, mu_pre, r_pre = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0] or need[1], need[2], any(need[3:8])]
+    mask = block_output_mask(ctx.needs_input_grad)
     grads = _backward_op(grad_mu, grad_r, mu, r, weight, bias, bn_mean, bn_var, bn_weight,
                          bn_bias, ctx.bn_eps, ctx.relu, mu_pre, r_pre, mask)
     return (*grads, None, None)

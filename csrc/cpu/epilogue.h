@@ -29,6 +29,16 @@ inline T pass_if_positive(T x, T v) {
   return x > T(0) ? v : T(0);
 }
 
+// Backward of the interval ReLU at one element with pre-activation centre m and radius rr:
+// turns the output gradients (gm, grr) into the pre-activation ones, in place.
+template <typename T>
+inline void relu_backward_one(T m, T rr, T& gm, T& grr) {
+  const T gu = pass_if_positive(m + rr, (gm + grr) * T(0.5));
+  const T gl = pass_if_positive(m - rr, (gm - grr) * T(0.5));
+  gm = gu + gl;
+  grr = gu - gl;
+}
+
 // Per-channel affine of "conv/linear (+ bias) (+ batch norm)":
 //   inv = 1 / sqrt(var + eps), scale = bn_weight * inv, shift = scale * (bias - mean) + bn_bias.
 // Without batch norm: scale = 1, shift = bias (or 0). All tensors are [C].

@@ -150,13 +150,7 @@ EpilogueGrads epilogue_backward(const at::Tensor& grad_mu_in, const at::Tensor& 
                 const int64_t i = off + c;
                 const scalar_t s = sc[c], as = std::abs(sc[c]);
                 scalar_t gm = gmo[i], grr = gro[i];
-                if (relu) {
-                  const scalar_t m = s * mp[i] + sh[c], rr = as * rp[i];
-                  const scalar_t gu = pass_if_positive(m + rr, (gm + grr) * scalar_t(0.5));
-                  const scalar_t gl = pass_if_positive(m - rr, (gm - grr) * scalar_t(0.5));
-                  gm = gu + gl;
-                  grr = gu - gl;
-                }
+                if (relu) relu_backward_one(s * mp[i] + sh[c], as * rp[i], gm, grr);
                 gmp[i] = s * gm;
                 grp[i] = as * grr;
                 acc[c] += gm;
@@ -181,13 +175,7 @@ EpilogueGrads epilogue_backward(const at::Tensor& grad_mu_in, const at::Tensor& 
               _Pragma("omp simd reduction(+ : a_m, a_mx, a_rr)")
               for (int64_t i = 0; i < S; ++i) {
                 scalar_t gm = gmop[i], grr = grop[i];
-                if (relu) {
-                  const scalar_t m = s * mpp[i] + t, rr = as * rpp[i];
-                  const scalar_t gu = pass_if_positive(m + rr, (gm + grr) * scalar_t(0.5));
-                  const scalar_t gl = pass_if_positive(m - rr, (gm - grr) * scalar_t(0.5));
-                  gm = gu + gl;
-                  grr = gu - gl;
-                }
+                if (relu) relu_backward_one(s * mpp[i] + t, as * rpp[i], gm, grr);
                 gmpp[i] = s * gm;
                 grpp[i] = as * grr;
                 a_m += gm;

@@ -1,51 +1,40 @@
 // The fused block on CPU: conv2d + bias + batch-norm affine + ReLU on a centre-radius box.
-// mu, r: [B, C_in, H, W]; weight: [C_out, C_in / groups, kH, kW].
-// The two products go to ATen; bias, batch norm and ReLU run as one fused pass (epilogue.h).
-// Returns (mu, r, mu_pre, r_pre): the pre-affine products are kept for the backward pass.
+// mu, r: [B, C_in, H, W]; weight: [C_out, C_in / groups, kH, kW]. The hot path of every bound
+// pass. Returns (mu, r, mu_pre, r_pre), see fused_block.h.
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "epilogue.h"
+#include "fused_block.h"
 #include "products.h"
 
 namespace adcert {
 namespace {
 
-using OptT = std::optional<at::Tensor>;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interval_conv2d_bn_relu_cpu(
-    const at::Tensor& mu, const at::Tensor& r, const at::Tensor& weight, const OptT& bias,
-    const OptT& bn_mean, const OptT& bn_var, const OptT& bn_weight, const OptT& bn_bias,
-    double bn_eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+    const at::Tensor& mu, const at::Tensor& r, const at::Tensor& weight, const OptTensor& bias,
+    const OptTensor& bn_mean, const OptTensor& bn_var, const OptTensor& bn_weight,
+    const OptTensor& bn_bias, double bn_eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu) {
   ADCERT_CHECK_BOX(mu, r);
   ADCERT_CHECK_SAME(mu, weight);
-  auto [mu_pre, r_pre] = conv_products(mu, r, weight, {stride, padding, dilation, groups});
-  ChannelAffine a = channel_affine(mu_pre.size(1), mu_pre.options(), bias, bn_mean, bn_var,
-                                   bn_weight, bn_bias, bn_eps);
-  at::Tensor mu_out = at::empty_like(mu_pre, at::MemoryFormat::Contiguous);
-  at::Tensor r_out = at::empty_like(r_pre, at::MemoryFormat::Contiguous);
-  epilogue_forward(mu_pre, r_pre, a.scale, a.shift, relu, mu_out, r_out);
-  return {mu_out, r_out, mu_pre, r_pre};
+  const ConvGeometry geo{stride, padding, dilation, groups};
+  return fused_block_forward([&] { return conv_products(mu, r, weight, geo); }, bias, bn_mean,
+                             bn_var, bn_weight, bn_bias, bn_eps, relu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
-interval_conv2d_bn_relu_backward_cpu(
+BlockGrads interval_conv2d_bn_relu_backward_cpu(
     const at::Tensor& grad_mu, const at::Tensor& grad_r, const at::Tensor& mu, const at::Tensor& r,
-    const at::Tensor& weight, const OptT& bias, const OptT& bn_mean, const OptT& bn_var,
-    const OptT& bn_weight, const OptT& bn_bias, double bn_eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
-    const at::Tensor& mu_pre, const at::Tensor& r_pre, std::array<bool, 3> mask) {
+    const at::Tensor& weight, const OptTensor& bias, const OptTensor& bn_mean,
+    const OptTensor& bn_var, const OptTensor& bn_weight, const OptTensor& bn_bias, double bn_eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool relu, const at::Tensor& mu_pre, const at::Tensor& r_pre, std::array<bool, 3> mask) {
   ADCERT_CHECK_BOX(mu, r);
-  ChannelAffine a = channel_affine(mu_pre.size(1), mu_pre.options(), bias, bn_mean, bn_var,
-                                   bn_weight, bn_bias, bn_eps);
-  EpilogueGrads e = epilogue_backward(grad_mu, grad_r, mu_pre, r_pre, a.scale, a.shift, relu);
-  auto [g_mu, g_r, g_w] = conv_products_backward(e.grad_mu_pre, e.grad_r_pre, mu, r, weight, {stride, padding, dilation, groups}, {mask[0], mask[1]});
-  at::Tensor g_b, g_mean, g_var, g_bnw, g_bnb;
-  if (mask[2]) {
-    std::tie(g_b, g_mean, g_var, g_bnw, g_bnb) =
-        affine_param_grads(e, a, bias, bn_mean, bn_var, bn_weight, bn_bias);
-  }
-  return {g_mu, g_r, g_w, g_b, g_mean, g_var, g_bnw, g_bnb};
+  const ConvGeometry geo{stride, padding, dilation, groups};
+  auto products_backward = [&](const at::Tensor& g_mu, const at::Tensor& g_r) {
+    return conv_products_backward(g_mu, g_r, mu, r, weight, geo, {mask[0], mask[1]});
+  };
+  return fused_block_backward(products_backward, grad_mu, grad_r, mu_pre, r_pre, bias, bn_mean,
+                              bn_var, bn_weight, bn_bias, bn_eps, relu, mask[2]);
 }
 
 }  // namespace

@@ -1,51 +1,35 @@
 // The fused block on CPU: linear + bias + batch-norm affine + ReLU on a centre-radius box.
-// mu, r: [B, in]; weight: [out, in].
-// The two products go to ATen; bias, batch norm and ReLU run as one fused pass (epilogue.h).
-// Returns (mu, r, mu_pre, r_pre): the pre-affine products are kept for the backward pass.
+// mu, r: [B, in]; weight: [out, in]. Returns (mu, r, mu_pre, r_pre), see fused_block.h.
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "epilogue.h"
+#include "fused_block.h"
 #include "products.h"
 
 namespace adcert {
 namespace {
 
-using OptT = std::optional<at::Tensor>;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interval_linear_bn_relu_cpu(
-    const at::Tensor& mu, const at::Tensor& r, const at::Tensor& weight, const OptT& bias,
-    const OptT& bn_mean, const OptT& bn_var, const OptT& bn_weight, const OptT& bn_bias,
-    double bn_eps, bool relu) {
+    const at::Tensor& mu, const at::Tensor& r, const at::Tensor& weight, const OptTensor& bias,
+    const OptTensor& bn_mean, const OptTensor& bn_var, const OptTensor& bn_weight,
+    const OptTensor& bn_bias, double bn_eps, bool relu) {
   ADCERT_CHECK_BOX(mu, r);
   ADCERT_CHECK_SAME(mu, weight);
-  auto [mu_pre, r_pre] = linear_products(mu, r, weight);
-  ChannelAffine a = channel_affine(mu_pre.size(1), mu_pre.options(), bias, bn_mean, bn_var,
-                                   bn_weight, bn_bias, bn_eps);
-  at::Tensor mu_out = at::empty_like(mu_pre, at::MemoryFormat::Contiguous);
-  at::Tensor r_out = at::empty_like(r_pre, at::MemoryFormat::Contiguous);
-  epilogue_forward(mu_pre, r_pre, a.scale, a.shift, relu, mu_out, r_out);
-  return {mu_out, r_out, mu_pre, r_pre};
+  return fused_block_forward([&] { return linear_products(mu, r, weight); }, bias, bn_mean,
+                             bn_var, bn_weight, bn_bias, bn_eps, relu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
-interval_linear_bn_relu_backward_cpu(
+BlockGrads interval_linear_bn_relu_backward_cpu(
     const at::Tensor& grad_mu, const at::Tensor& grad_r, const at::Tensor& mu, const at::Tensor& r,
-    const at::Tensor& weight, const OptT& bias, const OptT& bn_mean, const OptT& bn_var,
-    const OptT& bn_weight, const OptT& bn_bias, double bn_eps, bool relu,
-    const at::Tensor& mu_pre, const at::Tensor& r_pre, std::array<bool, 3> mask) {
+    const at::Tensor& weight, const OptTensor& bias, const OptTensor& bn_mean,
+    const OptTensor& bn_var, const OptTensor& bn_weight, const OptTensor& bn_bias, double bn_eps,
+    bool relu, const at::Tensor& mu_pre, const at::Tensor& r_pre, std::array<bool, 3> mask) {
   ADCERT_CHECK_BOX(mu, r);
-  ChannelAffine a = channel_affine(mu_pre.size(1), mu_pre.options(), bias, bn_mean, bn_var,
-                                   bn_weight, bn_bias, bn_eps);
-  EpilogueGrads e = epilogue_backward(grad_mu, grad_r, mu_pre, r_pre, a.scale, a.shift, relu);
-  auto [g_mu, g_r, g_w] = linear_products_backward(e.grad_mu_pre, e.grad_r_pre, mu, r, weight, {mask[0], mask[1]});
-  at::Tensor g_b, g_mean, g_var, g_bnw, g_bnb;
-  if (mask[2]) {
-    std::tie(g_b, g_mean, g_var, g_bnw, g_bnb) =
-        affine_param_grads(e, a, bias, bn_mean, bn_var, bn_weight, bn_bias);
-  }
-  return {g_mu, g_r, g_w, g_b, g_mean, g_var, g_bnw, g_bnb};
+  auto products_backward = [&](const at::Tensor& g_mu, const at::Tensor& g_r) {
+    return linear_products_backward(g_mu, g_r, mu, r, weight, {mask[0], mask[1]});
+  };
+  return fused_block_backward(products_backward, grad_mu, grad_r, mu_pre, r_pre, bias, bn_mean,
+                              bn_var, bn_weight, bn_bias, bn_eps, relu, mask[2]);
 }
 
 }  // namespace

@@ -65,10 +65,10 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& 
       scalar_t* __restrict__ orr = or_base;
       _Pragma("omp simd")
       for (int64_t i = b; i < e; ++i) {
-        const scalar_t gu = pass_if_positive(m[i] + rr[i], (gm[i] + grr[i]) * scalar_t(0.5));
-        const scalar_t gl = pass_if_positive(m[i] - rr[i], (gm[i] - grr[i]) * scalar_t(0.5));
-        om[i] = gu + gl;
-        orr[i] = gu - gl;
+        scalar_t g_m = gm[i], g_r = grr[i];
+        relu_backward_one(m[i], rr[i], g_m, g_r);
+        om[i] = g_m;
+        orr[i] = g_r;
       }
     });
   });
