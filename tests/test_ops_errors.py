@@ -103,3 +103,13 @@ def test_extension_load_error_says_how_to_fix(monkeypatch):
                                           "--no-build-isolation -e ."):
         _extension.load_extension()
     assert adcert.__version__
+
+
+def test_value_checks_can_be_switched_off_and_restore():
+    mu, r = _box(2, 3)
+    with ops.value_checks(False):
+        ops.interval_relu(mu, -r - 1)  # not checked: the caller vouches for the box
+        with pytest.raises(ValueError, match="r: expected the shape of mu"):
+            ops.interval_relu(mu, r[:, :2])  # shape checks always run
+    with pytest.raises(ValueError, match="r: the radius must be >= 0"):
+        ops.interval_relu(mu, -r - 1)

@@ -3,7 +3,9 @@
 Each op is a ``torch.library`` custom op (``torch.ops.adcert.<name>``) with a schema, a fake
 kernel and registered autograd, so it also works under ``torch.compile``. CPU tensors run the
 C++ kernels of ``adcert._C``; CUDA tensors run the Triton kernels (``adcert.kernels``).
-``adcert.ops.reference`` holds the plain-torch reference of every op.
+``adcert.ops.reference`` holds the plain-torch reference of every op. On CPU each op checks its
+box for NaN and negative radii (one fused pass); ``with adcert.ops.value_checks(False):`` skips
+that pass for boxes you have already validated.
 
     interval_linear(mu, r, weight, bias=None)                            -> (mu, r)
     interval_conv2d(mu, r, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
@@ -25,9 +27,10 @@ from adcert.ops.interval_conv2d_bn_relu import interval_conv2d_bn_relu  # noqa: 
 from adcert.ops.interval_linear import interval_linear  # noqa: E402
 from adcert.ops.interval_linear_bn_relu import interval_linear_bn_relu  # noqa: E402
 from adcert.ops.interval_relu import interval_relu  # noqa: E402
+from adcert.ops._checks import value_checks  # noqa: E402
 from adcert.ops._extension import register_gpu_kernels as _register_gpu_kernels  # noqa: E402
 
 GPU_KERNELS = _register_gpu_kernels()
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_batch_norm", "interval_relu",
-           "interval_linear_bn_relu", "interval_conv2d_bn_relu", "reference"]
+           "interval_linear_bn_relu", "interval_conv2d_bn_relu", "reference", "value_checks"]

@@ -14,9 +14,7 @@ std::tuple<at::Tensor, at::Tensor> interval_conv2d_cpu(
     at::IntArrayRef dilation, int64_t groups) {
   ADCERT_CHECK_BOX(mu, r);
   ADCERT_CHECK_SAME(mu, weight);
-  auto [mu_pre, r_pre] = conv_products(mu, r, weight, {stride, padding, dilation, groups});
-  if (bias.has_value() && bias->defined()) mu_pre.add_(bias->view({1, -1, 1, 1}));
-  return {mu_pre, r_pre};
+  return conv_products(mu, r, weight, {stride, padding, dilation, groups}, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interval_conv2d_backward_cpu(

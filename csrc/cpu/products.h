@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 namespace adcert {
@@ -28,8 +29,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_products_backward(
     const at::Tensor& weight, std::array<bool, 2> mask);
 
 // mu, r: [B, C_in, H, W]; weight: [C_out, C_in / groups, kH, kW] -> [B, C_out, H', W'] each.
+// A bias, if given, is added to mu_pre inside the convolution (one pass fewer than add_).
 std::tuple<at::Tensor, at::Tensor> conv_products(const at::Tensor& mu, const at::Tensor& r,
-                                                 const at::Tensor& weight, const ConvGeometry& geo);
+                                                 const at::Tensor& weight, const ConvGeometry& geo,
+                                                 const std::optional<at::Tensor>& bias = {});
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_products_backward(
     const at::Tensor& g_mu, const at::Tensor& g_r, const at::Tensor& mu, const at::Tensor& r,
     const at::Tensor& weight, const ConvGeometry& geo, std::array<bool, 2> mask);

@@ -100,15 +100,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_products_backward(
 }
 
 namespace {
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const ConvGeometry& g) {
-  return at::convolution(x, w, std::nullopt, g.stride, g.padding, g.dilation, false, {0, 0},
-                         g.groups);
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const ConvGeometry& g,
+                const std::optional<at::Tensor>& bias = {}) {
+  return at::convolution(x, w, bias, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
 }
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> conv_products(const at::Tensor& mu, const at::Tensor& r,
-                                                 const at::Tensor& weight, const ConvGeometry& geo) {
-  return {conv(mu, weight, geo).contiguous(), conv(r, weight.abs(), geo).contiguous()};
+                                                 const at::Tensor& weight, const ConvGeometry& geo,
+                                                 const std::optional<at::Tensor>& bias) {
+  return {conv(mu, weight, geo, bias).contiguous(), conv(r, weight.abs(), geo).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_products_backward(
