@@ -56,4 +56,10 @@ TORCH_LIBRARY(adcert, m) {
       "Tensor? bn_bias, float bn_eps, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool relu, Tensor mu_pre, Tensor r_pre, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // AD-CERT / RSLAD-CERT loss per sample and, from the same pass, its gradients w.r.t. student,
+  // margin and clean logits ([B, C] each; grad_clean is empty when clean is None).
+  m.def(
+      "adcert_loss(Tensor student, Tensor teacher, Tensor margin, Tensor? clean, float alpha, "
+      "float tau, float adv_weight) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_margin, Tensor grad_clean)");
 }

@@ -15,12 +15,15 @@ that pass for boxes you have already validated.
                             bn_weight=None, bn_bias=None, bn_eps=1e-5, relu=True)
     interval_conv2d_bn_relu(mu, r, weight, bias=None, bn_mean=None, ..., stride=1, padding=0,
                             dilation=1, groups=1, relu=True)
+    adcert_loss(student_adv_logits, teacher_logits, margin_lb, alpha, tau=1.0, reduction="mean",
+                clean_logits=None, adv_weight=5/6)                        -> loss
 """
 from adcert.ops._extension import load_extension as _load_extension
 
 _load_extension()  # registers torch.ops.adcert.* and the CPU kernels; clear error if missing
 
 from adcert.ops import reference  # noqa: E402,F401
+from adcert.ops.adcert_loss import adcert_loss  # noqa: E402
 from adcert.ops.interval_batch_norm import interval_batch_norm  # noqa: E402
 from adcert.ops.interval_conv2d import interval_conv2d  # noqa: E402
 from adcert.ops.interval_conv2d_bn_relu import interval_conv2d_bn_relu  # noqa: E402
@@ -33,4 +36,5 @@ from adcert.ops._extension import register_gpu_kernels as _register_gpu_kernels 
 GPU_KERNELS = _register_gpu_kernels()
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_batch_norm", "interval_relu",
-           "interval_linear_bn_relu", "interval_conv2d_bn_relu", "reference", "value_checks"]
+           "interval_linear_bn_relu", "interval_conv2d_bn_relu", "reference", "value_checks",
+           "adcert_loss"]

@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 
 try:  # installed: kernels/ is the package adcert.kernels
+    from adcert.kernels import adcert_loss as _loss
     from adcert.kernels import interval_bn_relu as _bn_relu
     from adcert.kernels import interval_linear as _linear
     from adcert.kernels import interval_relu as _relu
 except ImportError:  # a source checkout on sys.path, without the package mapping
+    from kernels import adcert_loss as _loss  # type: ignore[no-redef]
     from kernels import interval_bn_relu as _bn_relu  # type: ignore[no-redef]
     from kernels import interval_linear as _linear  # type: ignore[no-redef]
     from kernels import interval_relu as _relu  # type: ignore[no-redef]
@@ -268,9 +270,16 @@ def interval_conv2d_bn_relu_backward(grad_mu: Tensor, grad_r: Tensor, mu: Tensor
     return (g_mu_in, g_r_in, g_weight) + tuple(params)
 
 
+def adcert_loss(student: Tensor, teacher: Tensor, margin: Tensor, clean: Optional[Tensor],
+                alpha: float, tau: float, adv_weight: float):
+    """``[B, C]`` logits -> ``(loss [B], grad_student, grad_margin, grad_clean)``."""
+    return _loss.adcert_loss_forward(student, teacher, margin, clean, alpha, tau, adv_weight)
+
+
 # ----------------------------------------------------------------------------- registration
 
 CUDA_KERNELS = {
+    "adcert_loss": adcert_loss,
     "interval_linear": interval_linear,
     "interval_linear_backward": interval_linear_backward,
     "interval_conv2d": interval_conv2d,

@@ -98,3 +98,28 @@ def interval_conv2d_bn_relu(mu: Tensor, r: Tensor, weight: Tensor, bias: Optiona
     """Conv2d + bias, then (if ``bn_mean`` is given) batch-norm affine, then (if ``relu``) ReLU."""
     mu, r = interval_conv2d(mu, r, weight, bias, stride, padding, dilation, groups)
     return _bn_relu_epilogue(mu, r, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, relu)
+
+
+def adcert_loss(student_adv_logits: Tensor, teacher_logits: Tensor, margin_lb: Tensor,
+                alpha: float, tau: float = 1.0, reduction: str = "mean",
+                clean_logits: Optional[Tensor] = None, adv_weight: float = 5.0 / 6.0) -> Tensor:
+    """AD-CERT loss (papers/ad-cert.txt eq. 10): ``(1 - alpha) KD + alpha logsumexp(-margin_lb)``
+    per sample, ``KD = tau^2 KL(softmax(t / tau) || softmax(s / tau))`` (teacher detached), or
+    with ``clean_logits`` RSLAD-CERT's ``(1 - adv_weight) KD(t || clean) + adv_weight KD(t || s)``.
+    ``margin_lb`` has 0 in the label entry, so ``logsumexp(-margin_lb) = CE([0, -m_lb], y)``."""
+    log_t = F.log_softmax(teacher_logits.detach() / tau, dim=1)
+
+    def kd(x: Tensor) -> Tensor:
+        log_x = F.log_softmax(x / tau, dim=1)
+        return tau * tau * F.kl_div(log_x, log_t, reduction="none", log_target=True).sum(1)
+
+    if clean_logits is None:
+        distill = kd(student_adv_logits)
+    else:
+        distill = (1 - adv_weight) * kd(clean_logits) + adv_weight * kd(student_adv_logits)
+    loss = (1 - alpha) * distill + alpha * torch.logsumexp(-margin_lb, dim=1)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
