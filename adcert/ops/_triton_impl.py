@@ -104,6 +104,17 @@ def _linear_weight_grad(g_mu_pre: Tensor, g_r_pre: Tensor, mu: Tensor, r: Tensor
     return torch.addcmul(g_mu_pre.t() @ mu, weight.sign(), g_r_pre.t() @ r)
 
 
+def _linear_grads(g_mu_pre, g_r_pre, mu, r, weight, need_in: bool, need_w: bool):
+    """Back through the two linear products: ``(g_mu [B, in], g_r [B, in], g_weight [out,
+    in])``, ``None`` where not needed."""
+    g_mu_in = g_r_in = g_weight = None
+    if need_in:
+        g_mu_in, g_r_in = _dual_matmul_t(g_mu_pre, g_r_pre, weight)
+    if need_w:
+        g_weight = _linear_weight_grad(g_mu_pre, g_r_pre, mu, r, weight)
+    return g_mu_in, g_r_in, g_weight
+
+
 def _conv_grads(g_mu_pre, g_r_pre, mu, r, weight, stride, padding, dilation, groups,
                 need_input: bool, need_weight: bool):
     """Input and weight gradients of the two convolutions ``conv(mu, W)`` and ``conv(r, |W|)``
@@ -122,6 +133,24 @@ def _conv_grads(g_mu_pre, g_r_pre, mu, r, weight, stride, padding, dilation, gro
 
 # ----------------------------------------------------------------------------- the ops
 
+def _block_backward(products_grads, grad_mu, grad_r, mu_pre, r_pre, bias, bn_mean, bn_var,
+                    bn_weight, bn_bias, bn_eps: float, relu: bool, output_mask):
+    """The fused block's backward, shared by conv and linear: the epilogue backward, then
+    ``products_grads(g_mu_pre, g_r_pre, need_in, need_w) -> (g_mu, g_r, g_weight)`` and the
+    parameter gradients. Returns the 8 gradients of the block's schema."""
+    need_in, need_w, need_p = (bool(x) for x in output_mask)
+    scale, shift, inv, centre = _fold(bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps,
+                                      mu_pre.dtype)
+    g_mu_pre, g_r_pre, *sums = _bn_relu.bn_relu_backward(
+        grad_mu, grad_r, mu_pre, r_pre, scale, shift, relu,
+        input_grads=need_in or need_w, sums=need_p)
+    g_mu_in, g_r_in, g_weight = products_grads(g_mu_pre, g_r_pre, need_in, need_w)
+    params = (None,) * 5
+    if need_p:
+        params = _param_grads(sums, bias, bn_mean, bn_weight, bn_bias, scale, inv, centre)
+    return (g_mu_in, g_r_in, g_weight) + tuple(params)
+
+
 def interval_linear(mu: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """``mu, r: [B, in]``, ``weight: [out, in]``, ``bias: [out]`` -> ``(W mu + b, |W| r)``,
     each ``[B, out]``."""
@@ -134,13 +163,9 @@ def interval_linear_backward(grad_mu: Tensor, grad_r: Tensor, mu: Tensor, r: Ten
                              weight: Tensor, output_mask: Sequence[bool]):
     """``grad_mu, grad_r: [B, out]`` -> ``(g_mu [B, in], g_r [B, in], g_weight [out, in],
     g_bias [out])``; ``output_mask = [input, weight, bias]``, ``None`` where masked out."""
-    g_mu_in = g_r_in = g_weight = g_bias = None
-    if output_mask[0]:
-        g_mu_in, g_r_in = _dual_matmul_t(grad_mu, grad_r, weight)
-    if output_mask[1]:
-        g_weight = _linear_weight_grad(grad_mu, grad_r, mu, r, weight)
-    if output_mask[2]:
-        g_bias = grad_mu.sum(0)
+    g_mu_in, g_r_in, g_weight = _linear_grads(grad_mu, grad_r, mu, r, weight,
+                                              bool(output_mask[0]), bool(output_mask[1]))
+    g_bias = grad_mu.sum(0) if output_mask[2] else None
     return g_mu_in, g_r_in, g_weight, g_bias
 
 
@@ -214,21 +239,11 @@ def interval_linear_bn_relu_backward(grad_mu: Tensor, grad_r: Tensor, mu: Tensor
                                      output_mask: Sequence[bool]):
     """-> ``(g_mu, g_r, g_weight, g_bias, g_bn_mean, g_bn_var, g_bn_weight, g_bn_bias)``;
     ``output_mask = [input, weight, params]``; ``None`` where masked out or absent."""
-    need_in, need_w, need_p = (bool(x) for x in output_mask)
-    scale, shift, inv, centre = _fold(bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps,
-                                      mu.dtype)
-    g_mu_pre, g_r_pre, *sums = _bn_relu.bn_relu_backward(
-        grad_mu, grad_r, mu_pre, r_pre, scale, shift, relu,
-        input_grads=need_in or need_w, sums=need_p)
-    g_mu_in = g_r_in = g_weight = None
-    if need_in:
-        g_mu_in, g_r_in = _dual_matmul_t(g_mu_pre, g_r_pre, weight)
-    if need_w:
-        g_weight = _linear_weight_grad(g_mu_pre, g_r_pre, mu, r, weight)
-    params = (None,) * 5
-    if need_p:
-        params = _param_grads(sums, bias, bn_mean, bn_weight, bn_bias, scale, inv, centre)
-    return (g_mu_in, g_r_in, g_weight) + tuple(params)
+    def products_grads(g_mu_pre, g_r_pre, need_in, need_w):
+        return _linear_grads(g_mu_pre, g_r_pre, mu, r, weight, need_in, need_w)
+
+    return _block_backward(products_grads, grad_mu, grad_r, mu_pre, r_pre, bias, bn_mean, bn_var,
+                           bn_weight, bn_bias, bn_eps, relu, output_mask)
 
 
 def interval_conv2d_bn_relu(mu: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -256,18 +271,12 @@ def interval_conv2d_bn_relu_backward(grad_mu: Tensor, grad_r: Tensor, mu: Tensor
                                      output_mask: Sequence[bool]):
     """-> ``(g_mu, g_r, g_weight, g_bias, g_bn_mean, g_bn_var, g_bn_weight, g_bn_bias)``;
     ``output_mask = [input, weight, params]``; ``None`` where masked out or absent."""
-    need_in, need_w, need_p = (bool(x) for x in output_mask)
-    scale, shift, inv, centre = _fold(bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps,
-                                      mu.dtype)
-    g_mu_pre, g_r_pre, *sums = _bn_relu.bn_relu_backward(
-        grad_mu, grad_r, mu_pre, r_pre, scale, shift, relu,
-        input_grads=need_in or need_w, sums=need_p)
-    g_mu_in, g_r_in, g_weight = _conv_grads(g_mu_pre, g_r_pre, mu, r, weight, stride, padding,
-                                            dilation, groups, need_in, need_w)
-    params = (None,) * 5
-    if need_p:
-        params = _param_grads(sums, bias, bn_mean, bn_weight, bn_bias, scale, inv, centre)
-    return (g_mu_in, g_r_in, g_weight) + tuple(params)
+    def products_grads(g_mu_pre, g_r_pre, need_in, need_w):
+        return _conv_grads(g_mu_pre, g_r_pre, mu, r, weight, stride, padding, dilation, groups,
+                           need_in, need_w)
+
+    return _block_backward(products_grads, grad_mu, grad_r, mu_pre, r_pre, bias, bn_mean, bn_var,
+                           bn_weight, bn_bias, bn_eps, relu, output_mask)
 
 
 def adcert_loss(student: Tensor, teacher: Tensor, margin: Tensor, clean: Optional[Tensor],
