@@ -1,7 +1,17 @@
-"""Pieces shared by the two fused-block ops (``interval_{linear,conv2d}_bn_relu``)."""
+"""Pieces shared by the affine-layer ops (``interval_{linear,conv2d}`` and their fused blocks
+``interval_{linear,conv2d}_bn_relu``)."""
 from __future__ import annotations
 
 import torch
+
+
+def fake_layer_backward(mu, r, weight, output_mask):
+    """Fake (meta) result of ``interval_{linear,conv2d}_backward``: gradients of ``mu, r,
+    weight`` and the bias ``[out]``; None where masked out."""
+    g_in, g_w, g_b = output_mask
+    return (torch.empty_like(mu) if g_in else None, torch.empty_like(r) if g_in else None,
+            torch.empty_like(weight) if g_w else None,
+            weight.new_empty(weight.shape[0]) if g_b else None)
 
 
 def fake_block_backward(mu, r, weight, params, output_mask):

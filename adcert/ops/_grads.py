@@ -1,19 +1,28 @@
 """Helpers for the ops' backward functions."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def materialize(grad_mu, grad_r):
-    """The ops run with ``ctx.set_materialize_grads(False)`` so that the hidden outputs of the
-    fused ops (the pre-activations) never get zero-filled gradients. When only one of the two
-    visible outputs was used, the other gradient arrives as None: make it zeros here (the
-    callers return early when both are None)."""
-    if grad_mu is None:
-        grad_mu = torch.zeros_like(grad_r)
-    elif grad_r is None:
-        grad_r = torch.zeros_like(grad_mu)
-    return grad_mu, grad_r
+def box_backward(backward):
+    """Wraps an op's ``backward(ctx, grad_mu, grad_r, *hidden)``. The ops run with
+    ``ctx.set_materialize_grads(False)`` so that the hidden outputs of the fused ops (the
+    pre-activations) never get zero-filled gradients. Then: no gradient for either visible
+    output -> no gradient for any input; only one of them used -> the other is zeros."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, grad_mu, grad_r, *hidden):
+        if grad_mu is None and grad_r is None:
+            return (None,) * len(ctx.needs_input_grad)
+        if grad_mu is None:
+            grad_mu = torch.zeros_like(grad_r)
+        elif grad_r is None:
+            grad_r = torch.zeros_like(grad_mu)
+        return backward(ctx, grad_mu, grad_r, *hidden)
+
+    return wrapped
 
 
 def eager_autograd_function(name: str, op, setup_context, backward):

@@ -10,8 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from adcert.ops._grads import eager_autograd_function
-from adcert.ops._grads import materialize as _materialize
+from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._checks import check_bn, check_box
 
 _op = torch.ops.adcert.interval_batch_norm
@@ -37,10 +36,8 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
+@box_backward
 def _backward(ctx, grad_mu, grad_r):
-    if grad_mu is None and grad_r is None:
-        return (None,) * len(ctx.needs_input_grad)
-    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, mean, var, weight, bias = ctx.saved_tensors
     grads = _backward_op(grad_mu, grad_r, mu, r, mean, var, weight, bias, ctx.eps)
     return (*grads, None)

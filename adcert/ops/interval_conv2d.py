@@ -6,8 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from adcert.ops._grads import eager_autograd_function
-from adcert.ops._grads import materialize as _materialize
+from adcert.ops._grads import box_backward, eager_autograd_function
+from adcert.ops._fused import fake_layer_backward
 from adcert.ops._checks import check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
 
@@ -23,10 +23,7 @@ def _fake(mu, r, weight, bias, stride, padding, dilation, groups):
 
 @torch.library.register_fake("adcert::interval_conv2d_backward")
 def _fake_backward(grad_mu, grad_r, mu, r, weight, stride, padding, dilation, groups, output_mask):
-    g_in = output_mask[0]
-    return (torch.empty_like(mu) if g_in else None, torch.empty_like(r) if g_in else None,
-            torch.empty_like(weight) if output_mask[1] else None,
-            weight.new_empty(weight.shape[0]) if output_mask[2] else None)
+    return fake_layer_backward(mu, r, weight, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -36,10 +33,8 @@ def _setup_context(ctx, inputs, output):
     ctx.geometry = (stride, padding, dilation, groups)
 
 
+@box_backward
 def _backward(ctx, grad_mu, grad_r):
-    if grad_mu is None and grad_r is None:
-        return (None,) * len(ctx.needs_input_grad)
-    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0] or need[1], need[2], need[3]]

@@ -11,8 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from adcert.ops._grads import eager_autograd_function
-from adcert.ops._grads import materialize as _materialize
+from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._fused import block_output_mask, fake_block_backward
 from adcert.ops._checks import check_bn, check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
@@ -45,10 +44,8 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (bn_eps, stride, padding, dilation, groups, relu)
 
 
+@box_backward
 def _backward(ctx, grad_mu, grad_r, _grad_mu_pre, _grad_r_pre):
-    if grad_mu is None and grad_r is None:
-        return (None,) * len(ctx.needs_input_grad)
-    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, mu_pre, r_pre = ctx.saved_tensors
     mask = block_output_mask(ctx.needs_input_grad)
     grads = _backward_op(grad_mu, grad_r, mu, r, weight, bias, bn_mean, bn_var, bn_weight,

@@ -5,8 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from adcert.ops._grads import eager_autograd_function
-from adcert.ops._grads import materialize as _materialize
+from adcert.ops._grads import box_backward, eager_autograd_function
+from adcert.ops._fused import fake_layer_backward
 from adcert.ops._checks import check_box, check_param
 
 _op = torch.ops.adcert.interval_linear
@@ -21,10 +21,7 @@ def _fake(mu, r, weight, bias):
 
 @torch.library.register_fake("adcert::interval_linear_backward")
 def _fake_backward(grad_mu, grad_r, mu, r, weight, output_mask):
-    g_in = output_mask[0]
-    return (torch.empty_like(mu) if g_in else None, torch.empty_like(r) if g_in else None,
-            torch.empty_like(weight) if output_mask[1] else None,
-            weight.new_empty(weight.shape[0]) if output_mask[2] else None)
+    return fake_layer_backward(mu, r, weight, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -33,10 +30,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(mu, r, weight)
 
 
+@box_backward
 def _backward(ctx, grad_mu, grad_r):
-    if grad_mu is None and grad_r is None:
-        return (None,) * len(ctx.needs_input_grad)
-    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0] or need[1], need[2], need[3]]

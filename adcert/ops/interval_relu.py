@@ -8,8 +8,7 @@ from typing import Tuple
 
 import torch
 
-from adcert.ops._grads import eager_autograd_function
-from adcert.ops._grads import materialize as _materialize
+from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._checks import check_box
 
 _op = torch.ops.adcert.interval_relu
@@ -32,10 +31,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(mu, r)
 
 
+@box_backward
 def _backward(ctx, grad_mu, grad_r):
-    if grad_mu is None and grad_r is None:
-        return (None,) * len(ctx.needs_input_grad)
-    grad_mu, grad_r = _materialize(grad_mu, grad_r)
     mu, r = ctx.saved_tensors
     g_mu, g_r = _backward_op(grad_mu, grad_r, mu, r)
     return g_mu, g_r
