@@ -29,6 +29,15 @@ inline T pass_if_positive(T x, T v) {
   return x > T(0) ? v : T(0);
 }
 
+// The interval ReLU at one element with centre m and radius rr.
+template <typename T>
+inline void relu_forward_one(T m, T rr, T& mo, T& ro) {
+  const T u = relu0(m + rr);
+  const T l = relu0(m - rr);
+  mo = (u + l) * T(0.5);
+  ro = (u - l) * T(0.5);
+}
+
 // Backward of the interval ReLU at one element with pre-activation centre m and radius rr:
 // turns the output gradients (gm, grr) into the pre-activation ones, in place.
 template <typename T>

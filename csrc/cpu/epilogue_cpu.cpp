@@ -42,22 +42,21 @@ ChannelAffine channel_affine(int64_t channels, const at::TensorOptions& options,
 
 namespace {
 
+// The affine (scale, |scale|, shift) then, if relu, the interval ReLU, at one element.
 template <typename T>
 inline void forward_one(T m_in, T r_in, T sc, T asc, T sh, bool relu, T& mo, T& ro) {
   const T m = sc * m_in + sh;
   const T rr = asc * r_in;
   if (relu) {
-    const T u = relu0(m + rr);
-    const T l = relu0(m - rr);
-    mo = (u + l) * T(0.5);
-    ro = (u - l) * T(0.5);
+    relu_forward_one(m, rr, mo, ro);
   } else {
     mo = m;
     ro = rr;
   }
 }
 
-// Splits [0, n) into at most `max_chunks` contiguous ranges; returns the chunk count.
+// How many contiguous ranges to split [0, n) into: at most one per thread, none smaller than
+// about 16k elements of work.
 inline int64_t chunk_count(int64_t n, int64_t work_per_item) {
   const int64_t threads = at::get_num_threads();
   const int64_t by_work = std::max<int64_t>(1, (n * work_per_item) / 16384);
@@ -82,6 +81,7 @@ void epilogue_forward(const at::Tensor& mu_pre, const at::Tensor& r_pre, const a
                        [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
           const int64_t base = n * C;
+          _Pragma("omp simd")
           for (int64_t c = 0; c < C; ++c) {
             forward_one(mp[base + c], rp[base + c], sc[c], std::abs(sc[c]), sh[c], relu,
                         mo[base + c], ro[base + c]);
@@ -97,18 +97,9 @@ void epilogue_forward(const at::Tensor& mu_pre, const at::Tensor& r_pre, const a
           const scalar_t* __restrict__ rpp = rp + nc * S;
           scalar_t* __restrict__ mop = mo + nc * S;
           scalar_t* __restrict__ rop = ro + nc * S;
-          if (relu) {
-            for (int64_t i = 0; i < S; ++i) {
-              const scalar_t m = s * mpp[i] + t, rr = as * rpp[i];
-              const scalar_t u = relu0(m + rr), l = relu0(m - rr);
-              mop[i] = (u + l) * scalar_t(0.5);
-              rop[i] = (u - l) * scalar_t(0.5);
-            }
-          } else {
-            for (int64_t i = 0; i < S; ++i) {
-              mop[i] = s * mpp[i] + t;
-              rop[i] = as * rpp[i];
-            }
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < S; ++i) {
+            forward_one(mpp[i], rpp[i], s, as, t, relu, mop[i], rop[i]);
           }
         }
       });

@@ -30,10 +30,7 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_cpu(const at::Tensor& mu_in, co
       scalar_t* __restrict__ ro = ro_base;
       _Pragma("omp simd")
       for (int64_t i = b; i < e; ++i) {
-        const scalar_t u = relu0(m[i] + rr[i]);
-        const scalar_t l = relu0(m[i] - rr[i]);
-        mo[i] = (u + l) * scalar_t(0.5);
-        ro[i] = (u - l) * scalar_t(0.5);
+        relu_forward_one(m[i], rr[i], mo[i], ro[i]);
       }
     });
   });
