@@ -1,14 +1,12 @@
 """Shared test helpers: random boxes and parameters for the interval ops."""
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("ADCERT_DATA", REPO.parent / "shared" / "data"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 RUNNER = REPO / "benchmarks" / "run.py"
 STATS = ("median_ms", "p20_ms", "p80_ms")
 
