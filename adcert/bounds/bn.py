@@ -17,6 +17,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from adcert.ops.reference import batch_norm_scale_shift
+
 Tensor = torch.Tensor
 BNStats = Dict[nn.Module, Tuple[Tensor, Tensor]]
 
@@ -40,13 +42,7 @@ def batch_stats(h: Tensor) -> Tuple[Tensor, Tensor]:
 def bn_scale_shift(bn: nn.Module, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
     """The batch norm as a per-channel affine map ``y = scale * x + shift`` given statistics;
     ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; both ``[C]``."""
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
+    return batch_norm_scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
 
 
 def running_stats(bn: nn.Module) -> Tuple[Tensor, Tensor]:
