@@ -7,7 +7,7 @@
 * The engine: :func:`get_plan` / :class:`LayerPlan` (a model compiled once to fused steps),
   :func:`ibp_forward` over a plan, :func:`input_box`, and the margin specification helpers.
 """
-from adcert.bounds.api import METHODS, PLANNED_METHODS, compute_bounds
+from adcert.bounds.api import METHODS, PLANNED_METHODS, BoundRequest, compute_bounds
 from adcert.bounds.forward import clean_bn_stats, clean_forward, resolve_bn_stats
 from adcert.bounds.ibp import IBP_RULES, ibp_forward, ibp_steps
 from adcert.bounds.inputs import input_box
@@ -18,7 +18,7 @@ from adcert.bounds.plan import (
 from adcert.bounds.spec import fold_margin_spec, margin_lower_folded, margin_lower_from_logits
 
 __all__ = [
-    "compute_bounds", "clean_bn_stats", "clean_forward", "resolve_bn_stats", "ibp_forward",
+    "compute_bounds", "BoundRequest", "clean_bn_stats", "clean_forward", "resolve_bn_stats", "ibp_forward",
     "ibp_steps", "IBP_RULES",
     "input_box", "get_plan", "build_plan", "LayerPlan", "AffineStep", "BatchNormStep",
     "NormalizeStep", "ReluStep", "FlattenStep", "SUPPORTED_MODULES", "METHODS", "PLANNED_METHODS",

@@ -1,7 +1,8 @@
 """``compute_bounds``: whole-model output bounds (or margin lower bounds) for an input box."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,14 +20,54 @@ from adcert.bounds.spec import margin_lower_folded, margin_lower_from_logits
 Tensor = torch.Tensor
 Stats = Mapping[nn.Module, Tuple[Tensor, Tensor]]
 Result = Union[Tensor, Tuple[Tensor, Tensor]]
-# A bounding method: (plan, mu, r, resolved BN stats, y or None) -> (lb, ub), or the margin lower
-# bounds [B, C] when y is given. New methods (CROWN-IBP, CROWN, alpha-CROWN) register in METHODS;
-# input checks, the input box and BN statistics are shared and done once in compute_bounds.
-Method = Callable[[LayerPlan, Tensor, Tensor, Stats, Optional[Tensor]], Result]
+
+
+@dataclass
+class BoundRequest:
+    """What a bounding method is asked for (built once by :func:`compute_bounds`).
+
+    y:           labels ``[B]`` (int64, range-checked against the output width by the method) or
+                 ``None``. With ``y`` the result is margin lower bounds ``[B, C]`` (``y`` entry 0).
+    C:           a user specification ``[B, S, C_out]`` or ``None``; with ``C`` the result is
+                 ``(lb, ub)`` of ``C z``, each ``[B, S]``. ``y`` and ``C`` are exclusive.
+    sound:       widen every bound outward by a rigorous floating-point error bound
+                 (DESIGN.md section 4; fp32/fp64 only, TF32 off). Training leaves it False.
+    relu_bounds: when a list, the method appends ``(lb, ub)`` of every ReLU's INPUT, in order
+                 (differentiable; used by the warm-up regularisers).
+    options:     method-specific options (e.g. alpha-CROWN's iterations); each method rejects
+                 keys it does not know, naming them.
+    """
+    y: Optional[Tensor] = None
+    C: Optional[Tensor] = None
+    sound: bool = False
+    relu_bounds: Optional[List[Tuple[Tensor, Tensor]]] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+# A bounding method: (plan, mu, r, resolved BN stats, request) -> the result described in
+# BoundRequest. Input checks, the input box and BN statistics are shared and done once in
+# compute_bounds; new methods register in METHODS.
+Method = Callable[[LayerPlan, Tensor, Tensor, Stats, BoundRequest], Result]
+
+
+def reject_options(method: str, options: Mapping[str, Any], known=()) -> None:
+    """Raise ``TypeError`` naming every option in ``options`` that is not in ``known``."""
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise TypeError(f"compute_bounds: unknown option(s) {', '.join(map(repr, unknown))} for "
+                        f"method {method!r}; accepted: {accepted}")
 
 
 def _ibp_method(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
-                y: Optional[Tensor]) -> Result:
+                request: BoundRequest) -> Result:
+    reject_options("ibp", request.options)
+    for name in ("C", "relu_bounds"):
+        if getattr(request, name) is not None:
+            raise NotImplementedError(f"{name}: not supported by method 'ibp' yet")
+    if request.sound:
+        raise NotImplementedError("sound: not supported by method 'ibp' yet")
+    y = request.y
     if y is None:
         mu, r = ibp_forward(plan, mu, r, stats)
         return mu - r, mu + r
@@ -63,7 +104,10 @@ def _get_method(method) -> Method:
 
 def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, method: str = "ibp",
                    y: Optional[Tensor] = None, x_L: Optional[Tensor] = None,
-                   x_U: Optional[Tensor] = None, bn_stats: Optional[Stats] = None) -> Result:
+                   x_U: Optional[Tensor] = None, bn_stats: Optional[Stats] = None,
+                   C: Optional[Tensor] = None, sound: bool = False,
+                   relu_bounds: Optional[List[Tuple[Tensor, Tensor]]] = None,
+                   **options: Any) -> Result:
     """Bounds of ``model``'s outputs over an L-inf input box around ``x``.
 
     Args:
@@ -82,6 +126,11 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
             (``model.training`` False, or the module's own flag False) always use their running
             statistics. Running statistics are never updated.
 
+        C: a specification ``[B, S, C_out]`` (exclusive with ``y``): bound ``C z`` instead.
+        sound: rigorous floating-point widening for certification (DESIGN.md section 4).
+        relu_bounds: a list to which ``(lb, ub)`` of every ReLU input is appended, in order.
+        **options: method-specific options (unknown ones raise ``TypeError``).
+
     Returns:
         without ``y``: ``(lb, ub)``, each the model's output shape (``[B, C]`` for classifiers);
         with ``y``: ``margins: [B, C]``, lower bounds of ``z_y - z_i`` with the ``y`` entry exactly
@@ -98,7 +147,11 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
     check_x_for_plan(plan, x)
     mu, r = input_box(x, eps, x_L, x_U)
     labels = check_y(y, x) if y is not None else None
+    if labels is not None and C is not None:
+        raise ValueError("C: give either y (margin specification) or C, not both")
+    request = BoundRequest(y=labels, C=C, sound=bool(sound), relu_bounds=relu_bounds,
+                           options=dict(options))
     stats = resolve_bn_stats(plan, x, check_bn_stats(bn_stats), model.training)
     # The input box is validated above; every later box comes out of our own ops.
     with value_checks(False):
-        return run(plan, mu, r, stats, labels)
+        return run(plan, mu, r, stats, request)
