@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from adcert.bounds import clean_bn_stats, compute_bounds
-from adcert.models import cnn3
+from adcert.models import cnn3, ibp_init
 
 Tensor = torch.Tensor
 
@@ -39,16 +39,6 @@ def load_digits_split(test_fraction: float = 0.2):
     n_test = int(round(test_fraction * len(y)))
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test]
-
-
-def ibp_init(model: torch.nn.Module) -> None:
-    """IBP initialisation (Shi et al. 2021): every conv/linear weight except the last layer's is
-    redrawn from ``N(0, 2 pi / fan_in^2)``, which keeps the interval widths stable with depth."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        for m in layers[:-1]:
-            fan_in = m.weight[0].numel()
-            m.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in)
 
 
 def eps_ramp(step: int, warmup: int, ramp: int, eps: float, mid: float = 0.25) -> float:

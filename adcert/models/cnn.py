@@ -101,3 +101,27 @@ def cnn3(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, widt
                     width=width, linear_size=linear_size)
     convs = [(1, 4, 2, 1), (2, 4, 2, 1)]
     return _build(in_channels, num_classes, input_size, convs, width, [linear_size], bn, mean, std)
+
+
+def cnn5(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: int = 16,
+         linear_size: int = 512, bn: bool = True, mean: Stat = None, std: Stat = None
+         ) -> nn.Sequential:
+    """CNN5 (the IBP-family papers' small net): ``Normalize -> conv(w, 3x3, pad 1) ->
+    conv(2w, 4x4, stride 2, pad 1) -> conv(2w, 4x4, stride 2, pad 1) -> Flatten ->
+    linear(linear_size) -> linear(num_classes)``, BatchNorm (if ``bn``) + ReLU after every layer
+    but the last. Input ``[B, in_channels, input_size, input_size]`` -> ``[B, num_classes]``."""
+    _check_positive(in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                    width=width, linear_size=linear_size)
+    convs = [(1, 3, 1, 1), (2, 4, 2, 1), (2, 4, 2, 1)]
+    return _build(in_channels, num_classes, input_size, convs, width, [linear_size], bn, mean, std)
+
+
+def cnn7_tinyimagenet(in_channels: int = 3, num_classes: int = 200, input_size: int = 64,
+                      width: int = 64, linear_size: int = 512, bn: bool = True,
+                      mean: Stat = None, std: Stat = None) -> nn.Sequential:
+    """CNN7 for TinyImageNet (CTBench): as :func:`cnn7` with the last conv's stride doubled
+    (stride 2), so the 64x64 input reaches the linear layers at 16x16."""
+    _check_positive(in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                    width=width, linear_size=linear_size)
+    convs = [(1, 3, 1, 1), (1, 3, 1, 1), (2, 3, 2, 1), (2, 3, 1, 1), (2, 3, 2, 1)]
+    return _build(in_channels, num_classes, input_size, convs, width, [linear_size], bn, mean, std)
