@@ -62,25 +62,24 @@ def reject_options(method: str, options: Mapping[str, Any], known=()) -> None:
 def _ibp_method(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
                 request: BoundRequest) -> Result:
     reject_options("ibp", request.options)
-    for name in ("C", "relu_bounds"):
-        if getattr(request, name) is not None:
-            raise NotImplementedError(f"{name}: not supported by method 'ibp' yet")
+    if request.C is not None:
+        raise NotImplementedError("C: not supported by method 'ibp' yet")
     if request.sound:
         raise NotImplementedError("sound: not supported by method 'ibp' yet")
     y = request.y
     if y is None:
-        mu, r = ibp_forward(plan, mu, r, stats)
+        mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds)
         return mu - r, mu + r
     final = plan.final_linear()
     if final is not None:  # fold the margin specification into the last linear layer
         weight, bias = effective_linear(final, stats)
         check_y_range(y, weight.shape[0])
-        mu, r = ibp_steps(plan.steps[:-1], mu, r, stats)
+        mu, r = ibp_steps(plan.steps[:-1], mu, r, stats, request.relu_bounds)
         if mu.dim() != 2:
             raise ValueError(f"x: the last Linear expects a [B, {weight.shape[1]}] input box, "
                              f"got shape {tuple(mu.shape)} (add an nn.Flatten before it)")
         return margin_lower_folded(mu, r, weight, bias, y)
-    mu, r = ibp_forward(plan, mu, r, stats)
+    mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds)
     if mu.dim() != 2:
         raise ValueError(f"y: margins need logits of shape [B, C], but the model outputs shape "
                          f"{tuple(mu.shape)}")

@@ -10,7 +10,8 @@ No host synchronisation happens here.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
+import dataclasses
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -101,17 +102,40 @@ IBP_RULES: Dict[Type[Step], Callable[[Step, Tensor, Tensor, Stats], Box]] = {
 }
 
 
-def ibp_steps(steps: Sequence[Step], mu: Tensor, r: Tensor, stats: Stats) -> Box:
+def _without_relu(step: Step) -> Optional[Step]:
+    """The same step with its fused ReLU removed, or ``None`` if it has none."""
+    if isinstance(step, (AffineStep, BatchNormStep)) and step.relu:
+        return dataclasses.replace(step, relu=False)
+    return None
+
+
+def ibp_steps(steps: Sequence[Step], mu: Tensor, r: Tensor, stats: Stats,
+              relu_bounds: Optional[List[Box]] = None) -> Box:
     """Propagate the box ``(mu, r)`` through ``steps``; ``stats`` holds ``(mean, var)`` for every
-    batch norm among them (see :func:`adcert.bounds.forward.resolve_bn_stats`)."""
+    batch norm among them (see :func:`adcert.bounds.forward.resolve_bn_stats`).
+
+    ``relu_bounds``: if a list, ``(lb, ub)`` of every ReLU's input is appended to it, in order
+    (differentiable). Fused steps then run their ReLU as a separate op, which is slower: collect
+    only when needed (e.g. the warm-up regularisers)."""
     for step in steps:
+        if relu_bounds is not None:
+            bare = _without_relu(step)
+            if bare is not None:
+                mu, r = IBP_RULES[type(bare)](bare, mu, r, stats)
+                relu_bounds.append((mu - r, mu + r))
+                mu, r = ops.interval_relu(mu, r)
+                continue
+            if isinstance(step, ReluStep):
+                relu_bounds.append((mu - r, mu + r))
         mu, r = IBP_RULES[type(step)](step, mu, r, stats)
     return mu, r
 
 
-def ibp_forward(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats) -> Box:
-    """The output box ``(mu, r)`` of the whole plan for the input box ``(mu, r): [B, *in]``."""
-    return ibp_steps(plan.steps, mu, r, stats)
+def ibp_forward(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
+                relu_bounds: Optional[List[Box]] = None) -> Box:
+    """The output box ``(mu, r)`` of the whole plan for the input box ``(mu, r): [B, *in]``
+    (``relu_bounds``: see :func:`ibp_steps`)."""
+    return ibp_steps(plan.steps, mu, r, stats, relu_bounds)
 
 
 def effective_linear(step: AffineStep, stats: Stats) -> Tuple[Tensor, Tensor]:
