@@ -1,0 +1,104 @@
+"""Shared machinery of the IBP-family objectives (DESIGN.md section 6):
+
+    loss = (1 - w_rob) CE(f(x), y) + w_rob L_rob + lambda (1 - eps_t / eps) R_warmup
+
+``f(x)`` is the clean training-mode forward (the step's one update of the batch-norm running
+statistics); every bound and attack pass uses the step's frozen clean-batch statistics
+(``state.bn_stats``). At ``eps_t = 0`` (the clean first epoch) the loss is plain CE. Subclasses
+implement :meth:`robust_loss`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adcert.attacks import pgd_attack
+from adcert.bounds import compute_bounds
+from adcert.methods.base import Method, MethodOutput, StepState
+from adcert.methods.regularizers import warmup_regularizer
+
+Tensor = torch.Tensor
+
+
+class RegContext:
+    """Collects what the warm-up regulariser needs from a bound pass: the input-box radii and the
+    ReLU pre-activation bounds (only when the regulariser is active)."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.input_radius: Optional[Tensor] = None
+        self.relu_bounds: Optional[List[Tuple[Tensor, Tensor]]] = [] if active else None
+
+
+class IBPFamily(Method):
+    """Base of the IBP-family methods. Hyper-parameters common to all:
+
+    w_rob:       weight of the robust loss against clean CE (1 = robust loss only).
+    reg_lambda:  weight of Shi et al.'s warm-up regulariser (0 disables it).
+    reg_tau:     its tolerance ``tau``.
+    """
+
+    def __init__(self, w_rob: float = 1.0, reg_lambda: float = 0.5, reg_tau: float = 0.5):
+        for name, value in (("w_rob", w_rob), ("reg_lambda", reg_lambda), ("reg_tau", reg_tau)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"{self.name}: {name} must be a number, got {value!r}")
+        if not 0.0 <= w_rob <= 1.0:
+            raise ValueError(f"{self.name}: w_rob must be in [0, 1], got {w_rob}")
+        if reg_lambda < 0 or reg_tau <= 0:
+            raise ValueError(f"{self.name}: expected reg_lambda >= 0 and reg_tau > 0, got "
+                             f"{reg_lambda}, {reg_tau}")
+        self.w_rob, self.reg_lambda, self.reg_tau = float(w_rob), float(reg_lambda), float(reg_tau)
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def ibp_margins(self, model: nn.Module, x: Tensor, y: Tensor, state: StepState,
+                    reg: Optional[RegContext] = None, eps: Optional[float] = None,
+                    x_L: Optional[Tensor] = None, x_U: Optional[Tensor] = None) -> Tensor:
+        """IBP margin lower bounds ``[B, C]`` over the box (``eps`` defaults to ``state.eps``),
+        with the step's frozen BN statistics; fills ``reg`` when it is active."""
+        if x_L is None:
+            e = state.eps if eps is None else eps
+            x_L, x_U = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
+        relu_bounds = reg.relu_bounds if reg is not None and reg.active else None
+        if relu_bounds is not None:
+            reg.input_radius = (x_U - x_L) / 2
+        return compute_bounds(model, x, y=y, x_L=x_L, x_U=x_U, bn_stats=state.bn_stats,
+                              relu_bounds=relu_bounds)
+
+    @staticmethod
+    def ibp_loss(margins: Tensor, y: Tensor) -> Tensor:
+        """``CE([0, -m_lb], 0) = CE(-margins, y)`` averaged over the batch."""
+        return F.cross_entropy(-margins, y)
+
+    @staticmethod
+    def attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int,
+               state: StepState, step_size: Optional[float] = None, restarts: int = 1) -> Tensor:
+        """CE-PGD in the eps-ball with the step's frozen BN statistics (input gradients only)."""
+        if eps <= 0:
+            return x.detach()
+        return pgd_attack(model, x, y, eps, steps=steps, step_size=step_size,
+                          restarts=restarts, bn_stats=state.bn_stats)
+
+    # -- the objective ----------------------------------------------------------------------
+    def robust_loss(self, model: nn.Module, x: Tensor, y: Tensor, state: StepState,
+                    logits: Tensor, reg: RegContext) -> Tuple[Tensor, Optional[Tensor], Dict]:
+        """``(L_rob, IBP margins at state.eps or None, extra logs)``."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, state: StepState) -> MethodOutput:
+        logits = model(x)
+        nat = F.cross_entropy(logits, y)
+        if state.eps <= 0:
+            return MethodOutput(nat, logits.detach(), None, {"loss_nat": nat.detach()})
+        reg = RegContext(self.reg_lambda > 0 and state.warmup)
+        rob, margins, logs = self.robust_loss(model, x, y, state, logits, reg)
+        total = (1 - self.w_rob) * nat + self.w_rob * rob
+        logs = {"loss_nat": nat.detach(), "loss_rob": rob.detach(), **logs}
+        if reg.active and reg.relu_bounds:
+            penalty = warmup_regularizer(reg.input_radius, reg.relu_bounds, self.reg_tau)
+            total = total + self.reg_lambda * (1 - state.ramp) * penalty
+            logs["loss_reg"] = penalty.detach()
+        return MethodOutput(total, logits.detach(),
+                            None if margins is None else margins.detach(), logs)
