@@ -42,3 +42,17 @@ def random_bn(channels, dtype=torch.float64, device="cpu", affine=True):
 
 def to64(t):
     return None if t is None else t.detach().double()
+
+
+@pytest.fixture
+def shared_data():
+    """``pathlib.Path`` of the shared data (``$ADCERT_DATA``, else ``<repo>/../shared/data``);
+    skips the test when it is absent."""
+    import os
+
+    env = os.environ.get("ADCERT_DATA")
+    path = pathlib.Path(env) if env else REPO.parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"../shared/data not found: {path} is absent (set ADCERT_DATA to the shared "
+                    f"data directory to run this test)")
+    return path

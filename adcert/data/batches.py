@@ -4,6 +4,10 @@ Every random choice is a function of ``(seed, epoch, batch index)``: the permuta
 comes from a generator seeded with ``(seed, e)``, the augmentation of batch ``i`` from one seeded with
 ``(seed, e, i)``. So an epoch can be replayed from any batch (exact resume after a kill) and every
 rank of a distributed run sees the same permutation and takes a disjoint slice of it.
+
+Two ways to drive it: ``for xb, yb in batches.epoch(e, start=i)`` (the caller keeps the position),
+or plain ``for xb, yb in batches`` (one epoch from the current position; the position after the
+last yielded batch is in :meth:`Batches.state_dict`, restored by :meth:`Batches.load_state_dict`).
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ class Batches:
         self.seed, self.drop_last = seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.dtype, self.device = dtype, torch.device(device)
+        self._epoch, self._next = 0, 0   # the position of the next batch __iter__ yields
 
     def indices(self, epoch: int) -> Tensor:
         """This rank's sample indices for ``epoch``, in order."""
@@ -88,6 +93,8 @@ class Batches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
         """The batches of ``epoch`` from batch index ``start`` on (for resuming mid-epoch)."""
+        if start < 0:
+            raise ValueError(f"start: expected a batch index >= 0, got {start}")
         idx = self.indices(epoch)
         for i in range(start, len(self)):
             sel = idx[i * self.batch_size:(i + 1) * self.batch_size]
@@ -95,4 +102,55 @@ class Batches:
             if self.augment is not None:
                 pad, crop = self.augment
                 xb = augment_batch(xb, pad, crop, _generator(self.seed, epoch, i, 1))
+            self._epoch, self._next = epoch, i + 1
             yield xb, self.y[sel].to(self.device)
+        self._epoch, self._next = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        """The rest of the current epoch (all of it after a completed one), then the position
+        moves to the next epoch."""
+        if self._next >= len(self):
+            self._epoch, self._next = self._epoch + 1, 0
+        return self.epoch(self._epoch, self._next)
+
+    def state_dict(self) -> dict:
+        """The position (epoch, next batch) and what fixes the sample order; plain ints."""
+        return {"epoch": self._epoch, "batch": self._next, "seed": self.seed,
+                "num_samples": len(self.y), "batch_size": self.batch_size,
+                "world_size": self.world_size, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``'s position. The order-defining settings must match this loader's
+        (else the replayed batches would differ): a mismatch raises naming the key."""
+        for key in ("seed", "num_samples", "batch_size", "world_size", "shuffle"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(f"state[{key!r}]: the saved loader had {state[key]!r}, this one "
+                                 f"has {mine!r}; the batches would not replay")
+        for key in ("epoch", "batch"):
+            if key not in state or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"state[{key!r}]: expected an int >= 0, got {state.get(key)!r}")
+        self._epoch, self._next = state["epoch"], state["batch"]
+
+
+def make_loader(name: str, split: str = "train", batch_size: int = 128,
+                data_dir=None, download: bool = False, augment: Optional[bool] = None,
+                shuffle: Optional[bool] = None, seed: int = 0, drop_last: Optional[bool] = None,
+                subset: Optional[int] = None, subset_seed: Optional[int] = None,
+                rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
+                device="cpu") -> Batches:
+    """:class:`Batches` over dataset ``name``'s ``split`` loaded with
+    :func:`adcert.data.load_dataset`. Defaults follow the split: training shuffles, augments with
+    the dataset's standard augmentation and drops the last incomplete batch; test does none.
+    ``subset``: keep only ``subset`` samples (the first ones, or a random choice seeded by
+    ``subset_seed``), see :func:`adcert.data.subset`."""
+    from adcert.data.registry import dataset_info, load_dataset, subset as take
+
+    info = dataset_info(name)
+    train = split == "train"
+    x, y = load_dataset(name, split, data_dir=data_dir, download=download)
+    x, y = take(x, y, subset, subset_seed)
+    aug = info.augment if (train if augment is None else augment) else None
+    return Batches(x, y, batch_size, shuffle=train if shuffle is None else shuffle, augment=aug,
+                   seed=seed, drop_last=train if drop_last is None else drop_last, rank=rank,
+                   world_size=world_size, dtype=dtype, device=device)

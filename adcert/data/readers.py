@@ -88,3 +88,51 @@ def read_digits(split: str, test_fraction: float = 0.2) -> Tuple[Tensor, Tensor]
     n_test = int(round(test_fraction * len(y)))
     idx = perm[:n_test] if split == "test" else perm[n_test:]
     return x[idx], y[idx]
+
+
+def _open_rgb(path: pathlib.Path) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError("dataset 'tinyimagenet' decodes JPEG files and needs Pillow: "
+                          "pip install -c constraints.txt Pillow") from err
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # PIL raises many types on corrupt images
+        raise ValueError(f"{path}: cannot decode the image ({type(err).__name__}: {err})") from err
+    if arr.shape != (64, 64, 3):
+        raise ValueError(f"{path}: expected a 64x64 image, got {arr.shape[1]}x{arr.shape[0]}")
+    return arr
+
+
+def read_tinyimagenet(root: pathlib.Path, split: str) -> Tuple[Tensor, Tensor]:
+    """TinyImageNet-200 from its folder layout under ``root`` (``wnids.txt``,
+    ``train/<wnid>/images/*.JPEG``, ``val/images/*.JPEG`` + ``val/val_annotations.txt``).
+    ``split``: ``"train"`` or ``"val"``. Labels index the sorted wnids (the ImageFolder order).
+    Returns ``x: uint8 [N, 3, 64, 64]`` and ``y: int64 [N]``, in sorted file order."""
+    wnids = sorted(w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip())
+    label = {w: i for i, w in enumerate(wnids)}
+    items: List[Tuple[pathlib.Path, int]] = []
+    if split == "train":
+        for w in wnids:
+            files = sorted((root / "train" / w / "images").glob("*.JPEG"))
+            if not files:
+                raise ValueError(f"{root / 'train' / w / 'images'}: no *.JPEG images for class {w}")
+            items += [(f, label[w]) for f in files]
+    else:
+        ann = root / "val" / "val_annotations.txt"
+        for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 2 or parts[1] not in label:
+                raise ValueError(f"{ann}:{lineno}: expected '<file>\\t<wnid>...' with a wnid "
+                                 f"from wnids.txt, got {line!r}")
+            items.append((root / "val" / "images" / parts[0], label[parts[1]]))
+        items.sort(key=lambda it: it[0].name)
+    x = np.empty((len(items), 64, 64, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(items):
+        x[i] = _open_rgb(path)
+    y = np.array([lab for _, lab in items], dtype=np.int64)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from adcert.data import download as _download
 from adcert.data import readers
 
 Tensor = torch.Tensor
@@ -21,8 +22,9 @@ class DatasetNotFound(FileNotFoundError):
 @dataclass(frozen=True)
 class DatasetInfo:
     """Static facts of a dataset: input shape ``(C, H, W)``, class count, per-channel mean/std of
-    the training pixels in [0, 1] (for the model's Normalize layer) and the papers' augmentation
-    (``(pad, crop)`` for a random crop after zero padding, plus horizontal flip; ``None``: none)."""
+    the training pixels in [0, 1] (for the model's Normalize layer), the papers' augmentation
+    (``(pad, crop)`` for a random crop after zero padding, plus horizontal flip; ``None``: none)
+    and the papers' standard L-inf radii ``eps`` (pixel space)."""
     name: str
     shape: Tuple[int, int, int]
     num_classes: int
@@ -30,6 +32,7 @@ class DatasetInfo:
     std: Tuple[float, ...]
     augment: Optional[Tuple[int, int]]
     loader: Callable[[Optional[pathlib.Path], str], Tuple[Tensor, Tensor]]
+    eps: Tuple[float, ...] = ()
 
 
 def default_data_dir() -> pathlib.Path:
@@ -57,7 +60,8 @@ def _idx_dataset(subdirs, prefix_train: str, prefix_test: str, what: str):
         looked = ", ".join(str(d) for d in candidates) or "(no directory)"
         raise DatasetNotFound(
             f"{what} ({split}): expected {names[0]}[.gz] and {names[1]}[.gz] in one of: {looked}. "
-            f"Put the official idx files there, or pass data_dir / set ADCERT_DATA.")
+            f"Put the official idx files there, pass data_dir / set ADCERT_DATA, or use "
+            f"download=True.")
     return load
 
 
@@ -71,7 +75,25 @@ def _cifar10(root: Optional[pathlib.Path], split: str) -> Tuple[Tensor, Tensor]:
     looked = ", ".join(str(d) for d in candidates) or "(no directory)"
     raise DatasetNotFound(
         f"cifar10 ({split}): expected the python pickles {', '.join(names)} in one of: {looked} "
-        f"(the 'CIFAR-10 python version' archive, extracted). Pass data_dir / set ADCERT_DATA.")
+        f"(the 'CIFAR-10 python version' archive, extracted). Pass data_dir / set ADCERT_DATA, or "
+        f"use download=True.")
+
+
+def _tinyimagenet(root: Optional[pathlib.Path], split: str) -> Tuple[Tensor, Tensor]:
+    candidates = ([root / "tiny-imagenet-200", root / "tinyimagenet" / "tiny-imagenet-200",
+                   root] if root is not None else [])
+    sub = "train" if split == "train" else "val"
+    needed = ["wnids.txt", "train/<wnid>/images/*.JPEG" if sub == "train" else
+              "val/images/*.JPEG + val/val_annotations.txt"]
+    for d in candidates:
+        marker = d / "train" if sub == "train" else d / "val" / "val_annotations.txt"
+        if (d / "wnids.txt").is_file() and marker.exists():
+            return readers.read_tinyimagenet(d, sub)
+    looked = ", ".join(str(d) for d in candidates) or "(no directory)"
+    raise DatasetNotFound(
+        f"tinyimagenet ({split} = {sub}/): expected {' and '.join(needed)} in one of: {looked} "
+        f"(the tiny-imagenet-200.zip archive, extracted). Pass data_dir / set ADCERT_DATA, or use "
+        f"download=True.")
 
 
 def _digits(_root: Optional[pathlib.Path], split: str) -> Tuple[Tensor, Tensor]:
@@ -79,14 +101,18 @@ def _digits(_root: Optional[pathlib.Path], split: str) -> Tuple[Tensor, Tensor]:
 
 
 DATASETS: Dict[str, DatasetInfo] = {
-    "digits": DatasetInfo("digits", (1, 8, 8), 10, (0.3053,), (0.3762,), None, _digits),
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, (0.3053,), (0.3762,), None, _digits,
+                          (0.1,)),
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), None,
-                         _idx_dataset(["mnist", "MNIST/raw", "."], "train", "t10k", "mnist")),
+                         _idx_dataset(["mnist", "MNIST/raw", "."], "train", "t10k", "mnist"),
+                         (0.1, 0.3)),
     "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), None,
                                  _idx_dataset(["fashion-mnist", "FashionMNIST/raw", "."], "train",
-                                              "t10k", "fashion-mnist")),
+                                              "t10k", "fashion-mnist"), (0.1,)),
     "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465),
-                           (0.2023, 0.1994, 0.2010), (2, 32), _cifar10),
+                           (0.2023, 0.1994, 0.2010), (2, 32), _cifar10, (2 / 255, 8 / 255)),
+    "tinyimagenet": DatasetInfo("tinyimagenet", (3, 64, 64), 200, (0.4802, 0.4481, 0.3975),
+                                (0.2302, 0.2265, 0.2262), (4, 64), _tinyimagenet, (1 / 255,)),
 }
 
 
@@ -98,18 +124,43 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[key]
 
 
-def load_dataset(name: str, split: str = "train", data_dir: Optional[PathLike] = None
-                 ) -> Tuple[Tensor, Tensor]:
+def load_dataset(name: str, split: str = "train", data_dir: Optional[PathLike] = None,
+                 download: bool = False, timeout: float = 10.0) -> Tuple[Tensor, Tensor]:
     """The whole split in memory: ``x: uint8 [N, C, H, W]`` (``digits``: float in [0, 1]) and
-    ``y: int64 [N]``. ``split``: ``"train"`` or ``"test"``."""
+    ``y: int64 [N]``. ``split``: ``"train"`` or ``"test"`` (TinyImageNet: its ``val`` folder, the
+    papers' test set). With ``download``, files not found are fetched into ``data_dir`` from the
+    official mirrors and md5-verified (``timeout`` seconds per connection)."""
     info = dataset_info(name)
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
-    x, y = info.loader(root, split)
+    try:
+        x, y = info.loader(root, split)
+    except DatasetNotFound as err:
+        if not download or info.name not in _download.RESOURCES:
+            raise
+        try:
+            _download.download_dataset(info.name, root, timeout=timeout)
+        except _download.DownloadError as derr:
+            raise DatasetNotFound(f"{err}\nDownload failed: {derr}") from None
+        x, y = info.loader(root, split)
     if tuple(x.shape[1:]) != info.shape:
         raise ValueError(f"{name} ({split}): images have shape {tuple(x.shape[1:])}, "
                          f"expected {info.shape}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= info.num_classes):
         raise ValueError(f"{name} ({split}): labels outside [0, {info.num_classes})")
     return x, y
+
+
+def subset(x: Tensor, y: Tensor, n: Optional[int], seed: Optional[int] = None
+           ) -> Tuple[Tensor, Tensor]:
+    """The first ``n`` samples (``seed=None``) or ``n`` distinct samples drawn by a generator
+    seeded with ``seed`` (kept in their original order). ``n=None`` or ``n >= N``: everything."""
+    if n is None or n >= len(y):
+        return x, y
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int or None, got {n!r}")
+    if seed is None:
+        return x[:n], y[:n]
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[idx], y[idx]
