@@ -14,9 +14,11 @@ from typing import Any, Callable, Dict
 from torch import nn
 
 from adcert.models.cnn import cnn3, cnn5, cnn7, cnn7_tinyimagenet
+from adcert.models.resnet import resnet
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "cnn3": cnn3, "cnn5": cnn5, "cnn7": cnn7, "cnn7-tinyimagenet": cnn7_tinyimagenet,
+    "resnet": resnet,
 }
 
 
