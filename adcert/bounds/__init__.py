@@ -1,7 +1,8 @@
 """Whole-model bounds.
 
 * :func:`compute_bounds` -- output bounds ``(lb, ub)`` or margin lower bounds (``y`` given) of an
-  ``nn.Sequential`` model over an L-inf box; ``method="ibp"`` (CROWN-family methods are planned).
+  ``nn.Sequential`` model over an L-inf box; ``method="ibp"``, ``"crown-ibp"``, ``"crown"``,
+  ``"alpha-crown"`` (:mod:`adcert.bounds.crown`; ``sound=True``: :mod:`adcert.bounds.crown_sound`).
 * :func:`clean_bn_stats` -- frozen clean-batch statistics of the training-mode batch norms, to be
   reused across the attack and bound passes of one training step (DESIGN.md section 5).
 * The engine: :func:`get_plan` / :class:`LayerPlan` (a model compiled once to fused steps),

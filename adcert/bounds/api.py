@@ -87,8 +87,11 @@ def _ibp_method(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
     return margin_lower_from_logits(mu, r, y)
 
 
-METHODS: Dict[str, Method] = {"ibp": _ibp_method}
-PLANNED_METHODS = ("crown-ibp", "crown", "alpha-crown")
+from adcert.bounds.crown import alpha_crown_method, crown_ibp_method, crown_method  # noqa: E402
+
+METHODS: Dict[str, Method] = {"ibp": _ibp_method, "crown-ibp": crown_ibp_method,
+                              "crown": crown_method, "alpha-crown": alpha_crown_method}
+PLANNED_METHODS: Tuple[str, ...] = ()
 
 
 def _get_method(method) -> Method:
@@ -116,7 +119,9 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
         x: clean inputs ``[B, *in]`` in pixel space ``[0, 1]``, the model's dtype and device.
         eps: a float >= 0 or a per-sample tensor ``[B]``; the box is
             ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]``.
-        method: ``"ibp"`` (CROWN-family methods are planned).
+        method: ``"ibp"``, ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see
+            :mod:`adcert.bounds.crown`; options ``max_spec_elements``, ``splits``, and for
+            alpha-crown ``iterations``, ``lr``, ``lr_decay``, ``patience``, ``tol``).
         y: optional labels ``[B]`` (int64). If given, the result is the margin lower bounds.
         x_L, x_U: an explicit input box ``[B, *in]`` (used as is), instead of ``eps``.
         bn_stats: ``{bn_module: (mean, var)}`` for training-mode batch norms, e.g. from

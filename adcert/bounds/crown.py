@@ -1,0 +1,287 @@
+"""CROWN-IBP and CROWN (linear relaxation bounds) for :func:`adcert.bounds.compute_bounds`.
+
+* ``method="crown-ibp"``: the ReLU input bounds come from IBP (the fused ops); the output (or
+  the specification) is bounded by one backward linear relaxation
+  (:mod:`adcert.bounds.linear_relax`) with CROWN's adaptive lower slopes. Differentiable w.r.t.
+  the model's parameters (the CROWN-IBP training objective uses it). Not intersected with IBP:
+  a training method mixes the two itself.
+* ``method="crown"``: IBP first; then, ReLU layer by ReLU layer, a backward relaxation of the
+  sub-network up to that layer bounds the neurons IBP leaves UNSTABLE (gathered per sample and
+  batched as specification rows, in chunks), and the layer's bounds are the intersection of the
+  IBP and CROWN bounds (stable neurons keep IBP's). Layers that IBP already bounds exactly (no
+  ReLU before them and at most one conv/linear) are skipped. The final bound is intersected with
+  IBP's, so it is never looser than IBP. A certification tool: it runs under ``no_grad`` and the
+  result is detached from the parameters.
+* ``method="alpha-crown"``: as ``crown``, then the lower ReLU slopes of the final bound are
+  optimised (:mod:`adcert.bounds.alpha_crown`). Intermediate bounds are CROWN's (not re-optimised).
+
+Specifications (``S`` rows per sample, one backward pass for all of them): with ``y`` the margins
+``z_y - z_i`` (rows ``e_y - e_i``, the result's ``y`` entry 0); with ``C: [B, S, C_out]`` the
+rows of ``C`` (both bounds: the rows ``[C; -C]``); otherwise the identity (both bounds of every
+output). The specification multiplies the last layer first, i.e. it is folded into the last
+linear layer.
+
+Options (unknown ones raise ``TypeError``):
+
+* ``max_spec_elements`` (crown, alpha-crown; default ``2**25``): the most elements of one
+  batch of intermediate specification rows ``[B, rows, *largest layer]``; unstable neurons are
+  processed in chunks of that size (memory ~ a few times this many elements).
+* ``splits`` (all three): ``{relu_index: tensor [B, *relu shape]}`` with ``+1`` (neuron forced
+  active: input lower bound clamped to >= 0), ``-1`` (forced inactive: upper bound clamped to
+  <= 0) or ``0``; the bound then holds on that sub-domain of the box (branch-and-bound).
+* alpha-crown: ``iterations`` (20), ``lr`` (0.1), ``lr_decay`` (0.98), ``patience`` (5),
+  ``tol`` (1e-4), see
+  :func:`adcert.bounds.alpha_crown.optimize_alpha`.
+
+``sound=True`` switches to the floating-point-rigorous twin in :mod:`adcert.bounds.crown_sound`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from adcert.bounds.ibp import effective_linear, ibp_steps
+from adcert.bounds.inputs import check_y_range
+from adcert.bounds.linear_relax import (
+    AffineOp, Lowered, ReluOp, backward_lower, lower_plan,
+)
+
+Tensor = torch.Tensor
+Box = Tuple[Tensor, Tensor]
+
+COMMON_OPTIONS = ("splits",)
+CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements",)
+ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol")
+DEFAULT_MAX_SPEC_ELEMENTS = 2 ** 25
+
+
+# --------------------------------------------------------------------------- specification
+
+
+def build_spec(request, out_shape: Tuple[int, ...], x: Tensor) -> Tuple[Tensor, str]:
+    """The specification rows ``[B, S2, *out_shape]`` to lower-bound, and the result kind:
+    ``"margin"`` (rows ``e_y - e_i``), ``"C"`` (rows ``[C; -C]``) or ``"box"`` (rows ``[I; -I]``
+    of the flattened output)."""
+    B = x.shape[0]
+    if request.y is not None:
+        if len(out_shape) != 1:
+            raise ValueError(f"y: margins need logits of shape [B, C], but the model outputs "
+                             f"shape {(B,) + tuple(out_shape)}")
+        n = out_shape[0]
+        check_y_range(request.y, n)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        return eye[request.y].unsqueeze(1) - eye.unsqueeze(0), "margin"
+    if request.C is not None:
+        C = request.C
+        if not isinstance(C, torch.Tensor):
+            raise TypeError(f"C: expected a torch.Tensor [B, S, C_out], got {type(C).__name__}")
+        if C.dtype != x.dtype or C.device != x.device:
+            raise TypeError(f"C: expected dtype {x.dtype} on {x.device} (those of x), got "
+                            f"{C.dtype} on {C.device}")
+        if len(out_shape) != 1 or C.dim() != 3 or C.shape[0] != B or C.shape[2] != out_shape[0]:
+            raise ValueError(f"C: expected shape [B, S, C_out] = [{B}, S, "
+                             f"{out_shape[0] if len(out_shape) == 1 else out_shape}] for a model "
+                             f"with outputs [B, C_out], got {tuple(C.shape)}")
+        return torch.cat([C, -C], dim=1), "C"
+    n = 1
+    for d in out_shape:
+        n *= d
+    eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape((n,) + tuple(out_shape))
+    return torch.cat([eye, -eye], 0).unsqueeze(0).expand((B, 2 * n) + tuple(out_shape)), "box"
+
+
+def format_result(lb: Tensor, kind: str, request, out_shape):
+    """Turn the lower bounds ``[B, S2]`` of the specification rows into compute_bounds' result."""
+    if kind == "margin":
+        is_y = F.one_hot(request.y, lb.shape[1]).bool()
+        return torch.where(is_y, torch.zeros((), dtype=lb.dtype, device=lb.device), lb)
+    half = lb.shape[1] // 2
+    lower, upper = lb[:, :half], -lb[:, half:]
+    if kind == "box":
+        shape = (lb.shape[0],) + tuple(out_shape)
+        return lower.reshape(shape), upper.reshape(shape)
+    return lower, upper
+
+
+def ibp_spec_lower(plan, mu: Tensor, r: Tensor, stats, spec: Tensor,
+                   relu_boxes: List[Box]) -> Tensor:
+    """IBP lower bounds ``[B, S]`` of the specification rows (folded into the last linear layer
+    when the model ends in one); appends every ReLU input box to ``relu_boxes``."""
+    final = plan.final_linear()
+    if final is not None and spec.dim() == 3:
+        h_mu, h_r = ibp_steps(plan.steps[:-1], mu, r, stats, relu_boxes)
+        weight, bias = effective_linear(final, stats)
+        A = spec.matmul(weight)
+        const = spec.matmul(bias)
+    else:
+        h_mu, h_r = ibp_steps(plan.steps, mu, r, stats, relu_boxes)
+        A, const = spec, 0.0
+    Af = A.flatten(2)
+    return (torch.einsum("bsk,bk->bs", Af, h_mu.flatten(1))
+            - torch.einsum("bsk,bk->bs", Af.abs(), h_r.flatten(1)) + const)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def check_splits(splits, low: Lowered, B: int) -> Optional[Dict[int, Tensor]]:
+    """Validate ``options["splits"]``: ``{relu_index: [B, *shape] tensor of -1/0/+1}``."""
+    if splits is None:
+        return None
+    if not isinstance(splits, dict):
+        raise TypeError(f"splits: expected a dict {{relu_index: tensor}}, got "
+                        f"{type(splits).__name__}")
+    n = len(low.relu_at)
+    for k, s in splits.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+            raise ValueError(f"splits: keys must be ReLU indices in [0, {n}), got {k!r}")
+        shape = (B,) + low.ops[low.relu_at[k]].shape
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
+            raise ValueError(f"splits: entry {k} must be a tensor of shape {shape}, got "
+                             f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)}")
+    return splits
+
+
+def apply_split(box: Box, split: Optional[Tensor]) -> Box:
+    """Clamp a ReLU input box by a split: ``+1`` -> lower >= 0, ``-1`` -> upper <= 0."""
+    if split is None:
+        return box
+    lo, up = box
+    lo = torch.where(split > 0, lo.clamp(min=0), lo)
+    up = torch.where(split < 0, up.clamp(max=0), up)
+    return lo, up
+
+
+# --------------------------------------------------------------------------- CROWN intermediates
+
+
+def ibp_is_exact(low: Lowered, end: int) -> bool:
+    """Whether IBP bounds the output of ``low.ops[end - 1]`` exactly: no ReLU before it and at
+    most one conv/linear (diagonal maps and reshapes keep a box a box)."""
+    ops = low.ops[:end]
+    return not any(isinstance(o, ReluOp) for o in ops) and \
+        sum(1 for o in ops if isinstance(o, AffineOp) and o.dense) <= 1
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def unstable_order(lo: Tensor, up: Tensor) -> Tuple[Tensor, int]:
+    """Flat neuron indices ``[B, n_max]`` with each sample's unstable neurons first, and
+    ``n_max`` = the largest per-sample unstable count (one host synchronisation)."""
+    unstable = ((lo < 0) & (up > 0)).flatten(1)
+    n_max = int(unstable.sum(1).max()) if unstable.numel() else 0
+    order = torch.sort(unstable.to(torch.int8), dim=1, descending=True, stable=True).indices
+    return order[:, :n_max], n_max
+
+
+def neuron_bounds(low: Lowered, end: int, idx: Tensor, shape, mu: Tensor, r: Tensor,
+                  boxes: List[Box], backward=backward_lower) -> Box:
+    """CROWN lower and upper bounds ``[B, n]`` of the neurons ``idx: [B, n]`` (flat indices into
+    one sample's ``shape``) of the output of ``low.ops[end - 1]``."""
+    B, n = idx.shape
+    A = torch.zeros((B, n, _numel(shape)), dtype=mu.dtype, device=mu.device)
+    A.scatter_(2, idx.unsqueeze(2), 1.0)
+    A = A.reshape((B, n) + tuple(shape))
+    lb = backward(low, end, torch.cat([A, -A], 1), mu, r, boxes)
+    return lb[:, :n], -lb[:, n:]
+
+
+def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box],
+                       splits: Optional[Dict[int, Tensor]], max_elems: int,
+                       backward=backward_lower) -> List[Box]:
+    """Every ReLU's input bounds: IBP's, tightened by CROWN on the unstable neurons (and split
+    clamps). ``backward``: the back-substitution to use (the sound mode passes its own)."""
+    boxes: List[Box] = []
+    B = mu.shape[0]
+    for k, at in enumerate(low.relu_at):
+        box = apply_split(ibp_boxes[k], None if splits is None else splits.get(k))
+        if not ibp_is_exact(low, at):
+            lo, up = box
+            shape = low.ops[at].shape
+            idx, n_max = unstable_order(lo, up)
+            widest = max(_numel(o.in_shape) if isinstance(o, AffineOp) else _numel(o.shape)
+                         for o in low.ops[:at])
+            chunk = max(1, max_elems // max(1, 2 * B * widest))
+            lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
+            for s in range(0, n_max, chunk):
+                part = idx[:, s:s + chunk]
+                c_lo, c_up = neuron_bounds(low, at, part, shape, mu, r, boxes, backward)
+                lo_f.scatter_(1, part, torch.maximum(lo_f.gather(1, part), c_lo))
+                up_f.scatter_(1, part, torch.minimum(up_f.gather(1, part), c_up))
+            box = apply_split((lo_f.reshape(lo.shape), up_f.reshape(up.shape)),
+                              None if splits is None else splits.get(k))
+        boxes.append(box)
+    return boxes
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def parse_options(method: str, options, known) -> dict:
+    from adcert.bounds.api import reject_options  # local: api imports this module
+    reject_options(method, options, known)
+    out = dict(options)
+    m = out.get("max_spec_elements", DEFAULT_MAX_SPEC_ELEMENTS)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"max_spec_elements: expected a positive int, got {m!r}")
+    out["max_spec_elements"] = m
+    return out
+
+
+def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
+    """The shared driver of ``crown-ibp``, ``crown`` and ``alpha-crown`` (see the module doc)."""
+    known = {"crown-ibp": COMMON_OPTIONS, "crown": CROWN_OPTIONS,
+             "alpha-crown": ALPHA_OPTIONS}[method]
+    opts = parse_options(method, request.options, known)
+    if request.sound:
+        from adcert.bounds.crown_sound import run_sound
+        return run_sound(plan, mu, r, stats, request, method, opts)
+    certify = method != "crown-ibp"
+    ctx = torch.no_grad() if certify else contextlib.nullcontext()
+    with ctx:
+        if certify:
+            mu, r = mu.detach(), r.detach()
+        low = lower_plan(plan, stats, tuple(mu.shape[1:]), mu.dtype, mu.device, method,
+                         detach=certify)
+        spec, kind = build_spec(request, low.out_shape, mu)
+        splits = check_splits(opts.get("splits"), low, mu.shape[0])
+        ibp_boxes: List[Box] = []
+        ibp_lb = ibp_spec_lower(plan, mu, r, stats, spec, ibp_boxes) if certify else None
+        if not certify:
+            steps = plan.steps[:-1] if plan.final_linear() is not None else plan.steps
+            ibp_steps(steps, mu, r, stats, ibp_boxes)
+            boxes = [apply_split(b, None if splits is None else splits.get(k))
+                     for k, b in enumerate(ibp_boxes)]
+        else:
+            boxes = crown_intermediate(low, mu, r, ibp_boxes, splits, opts["max_spec_elements"])
+        end = len(low.ops)
+        if method == "alpha-crown":
+            from adcert.bounds.alpha_crown import optimize_alpha
+            lb, _ = optimize_alpha(low, end, spec, mu, r, boxes, opts)
+        else:
+            lb = backward_lower(low, end, spec, mu, r, boxes)
+        if certify:
+            lb = torch.maximum(lb, ibp_lb)
+    if request.relu_bounds is not None:
+        request.relu_bounds.extend(boxes)
+    return format_result(lb, kind, request, low.out_shape)
+
+
+def crown_ibp_method(plan, mu, r, stats, request):
+    return run_crown_family(plan, mu, r, stats, request, "crown-ibp")
+
+
+def crown_method(plan, mu, r, stats, request):
+    return run_crown_family(plan, mu, r, stats, request, "crown")
+
+
+def alpha_crown_method(plan, mu, r, stats, request):
+    return run_crown_family(plan, mu, r, stats, request, "alpha-crown")
