@@ -1,6 +1,7 @@
 """The ``adcert`` command line.
 
     adcert demo [--epochs N] [--eps E] [--seed S]   IBP certified training on the bundled digits
+    adcert train --config FILE [--set k=v ...]      train from a YAML config (configs/)
     adcert bench [runner args]                      the op benchmarks (needs a source checkout)
     adcert info                                     versions, extension and kernel status
 """
@@ -55,6 +56,9 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=text, add_help=(name == "info"))
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(fn=fn)
+    from adcert.train import cli as train_cli  # light: argparse only until it runs
+
+    train_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)
 

@@ -1,0 +1,484 @@
+"""The training loop: one :class:`Trainer` for every method of :mod:`adcert.methods`.
+
+    from adcert.train import Trainer, load_config
+    result = Trainer(load_config("configs/digits_adcert.yaml")).fit()   # final test metrics
+
+Per step (global batch ``data.batch_size``, split over processes and ``train.grad_accum``
+micro-batches): the scheduled ``eps_t`` and method coefficient; in ``bn_mode: frozen`` the clean
+statistics of the whole global batch, computed once and synchronised over processes
+(:func:`adcert.train.bn.global_batch_stats`), used by every forward of the step (clean, attack,
+bounds) and then folded into the running statistics once; the method's loss on each micro-batch
+(scaled by its share of the batch) backpropagated; the L1 penalty on conv/linear weights; a mean
+all-reduce of the gradients across processes; gradient-norm clipping; an Adam step. Per epoch: the
+milestone learning-rate decay, SWA averaging, evaluation on a test subset, a JSON-lines record and
+an atomic checkpoint. Resuming from the checkpoint reproduces the uninterrupted run exactly (CPU):
+the batches are a function of ``(seed, epoch, index)`` and every RNG state is saved.
+
+Multi-process: launch with ``torchrun`` (``adcert train`` initialises the process group from the
+environment) or initialise ``torch.distributed`` yourself before building the Trainer. Gradients
+are all-reduced by hand rather than through ``DistributedDataParallel``, because methods run
+bound passes (:func:`adcert.bounds.compute_bounds`) on the plain module, which DDP's forward-driven
+reducer would not see. Rank 0 evaluates, logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import pathlib
+import random
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from adcert.attacks import frozen_bn
+from adcert.data import Batches, dataset_info, load_dataset
+from adcert.methods import StepState, get_method
+from adcert.models import build_model, ibp_init, kaiming_init
+from adcert.train import bn as bnlib
+from adcert.train.checkpoint import (
+    CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, rng_state,
+    set_rng_state, FORMAT, VERSION,
+)
+from adcert.train.config import Config, ConfigError
+from adcert.train.evaluate import evaluate, is_certified
+from adcert.train.schedules import coef_at, eps_at
+
+Tensor = torch.Tensor
+Callback = Callable[..., None]
+
+#: the fields of every per-epoch metrics record (final records add ``final: true``)
+RECORD_FIELDS = ("epoch", "step", "eps", "coef", "lr", "train_loss", "train_acc",
+                 "train_cert_acc", "clean_acc", "pgd_acc", "cert_acc", "unstable_relu",
+                 "eval_eps", "epoch_time", "elapsed")
+_IGNORED_ON_RESUME = ("resume", "log.progress")
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("kwargs", "hparams"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def _to_float(x: Tensor) -> Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def l1_term(model: nn.Module) -> Tensor:
+    """Sum of ``|W|`` over the weights of every conv and linear layer (0-dim tensor)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(w.abs().sum() for w in weights)
+
+
+class Trainer:
+    """Trains ``cfg``'s model with ``cfg``'s method; see the module docstring.
+
+    callbacks: objects with optional methods ``on_step(trainer, step)`` (after each optimiser
+    step) and ``on_epoch_end(trainer, epoch, record)`` (after the epoch's checkpoint) -- an
+    exception raised there stops training like a kill would.
+    """
+
+    def __init__(self, cfg: Config, callbacks: Sequence[Any] = ()):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.rank = dist.get_rank() if _distributed() else 0
+        self.world = dist.get_world_size() if _distributed() else 1
+        self.device = _resolve_device(cfg.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.out_dir = pathlib.Path(cfg.output_dir)
+        self.ckpt_path = self.out_dir / cfg.log.checkpoint_file
+        self.final_path = self.out_dir / cfg.log.final_file
+        self.metrics_path = self.out_dir / cfg.log.metrics_file
+        self._check_batch_split()
+        self._seed(cfg.seed)
+        self._build_data()
+        self._build_model()
+        self._build_method()
+        # per-process RNG stream from here on (PGD random starts, dropout...)
+        self._seed(cfg.seed * 1_000_003 + self.rank + 1)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt, milestones=list(cfg.train.lr_milestones), gamma=cfg.train.lr_decay)
+        self.swa = (torch.optim.swa_utils.AveragedModel(self.model) if cfg.swa.enabled else None)
+        self.steps_per_epoch = len(self.batches)
+        self.clean_steps = cfg.train.clean_epochs * self.steps_per_epoch
+        self.ramp_steps = cfg.train.ramp_epochs * self.steps_per_epoch
+        self.epoch = 0  # completed epochs
+        self.step = 0   # completed optimiser steps
+        self.start_time = time.perf_counter()
+        if cfg.resume and self.ckpt_path.is_file():
+            self._resume()
+
+    # -- setup ---------------------------------------------------------------------------------
+    @staticmethod
+    def _seed(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        random.seed(seed)
+
+    def _check_batch_split(self) -> None:
+        b, k = self.cfg.data.batch_size, self.cfg.train.grad_accum
+        if b % (self.world * k):
+            raise ConfigError(f"data.batch_size: {b} is not divisible by {self.world} processes "
+                              f"x train.grad_accum={k}")
+        self.local_batch = b // self.world
+        self.micro_batch = self.local_batch // k
+        if self.micro_batch < 2 and self.cfg.train.bn_mode == "batch":
+            raise ConfigError("data.batch_size: micro-batches of one sample break batch norm "
+                              "(bn_mode batch); use a larger batch or fewer micro-batches")
+
+    def _build_data(self) -> None:
+        cfg = self.cfg.data
+        try:
+            self.info = dataset_info(cfg.dataset)
+        except KeyError as err:
+            raise ConfigError(f"data.dataset: {err.args[0]}") from None
+        x, y = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        xt, yt = load_dataset(cfg.dataset, "test", cfg.data_dir)
+        if cfg.train_subset is not None:
+            x, y = x[:cfg.train_subset], y[:cfg.train_subset]
+        if cfg.test_subset is not None:
+            xt, yt = xt[:cfg.test_subset], yt[:cfg.test_subset]
+        if len(y) // self.world < self.local_batch:
+            raise ConfigError(f"data.batch_size: {self.cfg.data.batch_size} is larger than the "
+                              f"training set ({len(y)} samples)")
+        self.x_train, self.y_train = x, y
+        self.x_test, self.y_test = _to_float(xt).to(self.device), yt.to(self.device)
+        augment = self.info.augment if cfg.augment else None
+        self.batches = Batches(x, y, self.local_batch, shuffle=True, augment=augment,
+                               seed=self.cfg.seed, drop_last=True, rank=self.rank,
+                               world_size=self.world, device=self.device)
+
+    def _build_model(self) -> None:
+        m = self.cfg.model
+        self.model_spec = {"name": m.name, "dataset": self.cfg.data.dataset, **m.kwargs}
+        try:
+            model = build_model(**self.model_spec)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err.args[0] if err.args else err}") from None
+        if m.init == "ibp":
+            ibp_init(model)
+        elif m.init == "kaiming":
+            kaiming_init(model)
+        self.model = model.to(self.device)
+
+    def _build_method(self) -> None:
+        m = self.cfg.method
+        hparams = dict(m.hparams)
+        from adcert.methods import METHODS
+        key = str(m.name).lower().replace("_", "-")
+        cls = METHODS.get(key)
+        if cls is None:
+            raise ConfigError(f"method.name: unknown method {m.name!r}; known: "
+                              f"{', '.join(sorted(METHODS))}")
+        self.teacher = None
+        if cls.needs_teacher:
+            if m.teacher is None:
+                raise ConfigError(f"method.teacher: method {key!r} needs a teacher checkpoint "
+                                  f"(train one, e.g. with method pgd, and give its final.pt)")
+            try:
+                teacher = model_from_checkpoint(m.teacher, self.device)
+            except CheckpointError as err:
+                raise ConfigError(f"method.teacher: {err}") from None
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self.teacher = teacher
+            hparams["teacher"] = teacher
+        elif m.teacher is not None:
+            raise ConfigError(f"method.teacher: method {key!r} does not use a teacher")
+        try:
+            self.method = get_method(key, **hparams)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"method.hparams: {err.args[0] if err.args else err}") from None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _gather_rng(self) -> List[Dict[str, Any]]:
+        state = rng_state()
+        if not _distributed():
+            return [state]
+        states: List[Any] = [None] * self.world
+        dist.all_gather_object(states, state)
+        return states
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The resumable training state (what ``last.pt`` holds)."""
+        return {"format": FORMAT, "version": VERSION, "kind": "last", "epoch": self.epoch,
+                "step": self.step, "world_size": self.world, "config": self.cfg.to_dict(),
+                "model_spec": self.model_spec, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "swa": None if self.swa is None else self.swa.state_dict(),
+                "rng": self._gather_rng()}
+
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path, self.device)
+        if ckpt["kind"] != "last":
+            raise CheckpointError(f"checkpoint {self.ckpt_path}: a {ckpt['kind']!r} checkpoint "
+                                  f"cannot be resumed")
+        old = _flatten(ckpt["config"])
+        new = _flatten(self.cfg.to_dict())
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in _IGNORED_ON_RESUME and old.get(k) != new.get(k))
+        if diff:
+            raise ConfigError(f"{diff[0]}: differs from the config stored in {self.ckpt_path} "
+                              f"({old.get(diff[0])!r} there, {new.get(diff[0])!r} now); "
+                              f"resume with the same config or use another output_dir")
+        if ckpt.get("world_size", 1) != self.world:
+            raise CheckpointError(f"checkpoint {self.ckpt_path}: written by "
+                                  f"{ckpt.get('world_size')} processes, resumed with "
+                                  f"{self.world}; resume with the same process count")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if self.swa is not None:
+            self.swa.load_state_dict(ckpt["swa"])
+        set_rng_state(ckpt["rng"][self.rank])
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        if self.rank == 0 and self.metrics_path.is_file():
+            # drop records of epochs after the checkpoint (written before a kill)
+            lines = self.metrics_path.read_text().splitlines()
+            keep = [ln for ln in lines if ln.strip() and not json.loads(ln).get("final")
+                    and json.loads(ln)["epoch"] <= self.epoch]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _save_checkpoint(self) -> None:
+        state = self.state_dict()  # every rank joins the RNG gather
+        if self.rank == 0:
+            atomic_save(state, self.ckpt_path)
+        if _distributed():
+            dist.barrier()
+
+    # -- one step ------------------------------------------------------------------------------
+    def _allreduce_grads(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+    def train_step(self, x: Tensor, y: Tensor, sums: Dict[str, Tensor]) -> Tensor:
+        """One optimiser step on this process's share ``x: [b, *in]``, ``y: [b]`` of the global
+        batch; adds detached statistics to ``sums``; returns the loss (0-dim, detached)."""
+        cfg = self.cfg.train
+        eps_t = eps_at(self.step, self.clean_steps, self.ramp_steps, cfg.eps, cfg.ramp_mid)
+        coef = coef_at(cfg.coef_ramp, self.step, self.clean_steps, self.ramp_steps, eps_t,
+                       cfg.eps)
+        self.model.train()
+        stats, counts = bnlib.global_batch_stats(self.model, x)
+        if cfg.bn_mode == "frozen":
+            ctx = frozen_bn(self.model, stats)
+        else:
+            ctx = bnlib.synced_batch_norm(self.model)
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=x.device)
+        with ctx:
+            for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
+                state = StepState(eps=eps_t, eps_target=cfg.eps, epoch=self.epoch,
+                                  step=self.step, bn_stats=stats, coef=coef)
+                out = self.method.loss(self.model, xm, ym, state)
+                share = len(ym) / len(y)
+                (out.loss * share).backward()
+                total += out.loss.detach() * share
+                self._accumulate(sums, out, ym)
+        if cfg.l1 > 0:
+            (cfg.l1 * l1_term(self.model)).backward()
+        if self.world > 1:
+            self._allreduce_grads()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        bnlib.update_running_stats(stats, counts)
+        self.step += 1
+        self.last_eps, self.last_coef = eps_t, coef
+        return total
+
+    @staticmethod
+    def _accumulate(sums: Dict[str, Tensor], out, y: Tensor) -> None:
+        n = len(y)
+
+        def add(key: str, value) -> None:
+            v = (value.detach().double() if torch.is_tensor(value)
+                 else torch.tensor(float(value), dtype=torch.float64))
+            sums[key] = sums.get(key, 0) + v * n
+
+        add("train_loss", out.loss)
+        if out.logits is not None:
+            sums["train_correct"] = sums.get("train_correct", 0) + \
+                (out.logits.argmax(1) == y).sum().double()
+        if out.margins is not None:
+            sums["train_cert"] = sums.get("train_cert", 0) + \
+                is_certified(out.margins, y).sum().double()
+        for k, v in out.logs.items():
+            add(k, v)
+        sums["n"] = sums.get("n", 0) + n
+
+    def _epoch_stats(self, sums: Dict[str, Any]) -> Dict[str, float]:
+        keys = sorted(k for k in sums if k != "n")
+        if self.world > 1:  # sum the per-process statistics (same keys on every rank)
+            vec = torch.tensor([float(sums.get(k, 0)) for k in keys + ["n"]],
+                               dtype=torch.float64)
+            dist.all_reduce(vec)
+            vals = dict(zip(keys + ["n"], vec.tolist()))
+        else:
+            vals = {k: float(sums[k]) for k in keys + ["n"]}
+        n = max(vals.pop("n"), 1)
+        out = {"train_acc": vals.pop("train_correct", float("nan")) / n,
+               "train_cert_acc": vals.pop("train_cert", float("nan")) / n}
+        out.update({k: v / n for k, v in vals.items()})
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+    # -- evaluation and logging ----------------------------------------------------------------
+    def evaluate(self, model: nn.Module, subset: Optional[int]) -> Dict[str, float]:
+        """Test metrics of ``model`` on the first ``subset`` test samples; the attack's random
+        starts come from a forked RNG so evaluation never changes the training stream."""
+        e = self.cfg.eval
+        x, y = self.x_test, self.y_test
+        if subset is not None:
+            x, y = x[:subset], y[:subset]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 7919 * (self.epoch + 1))
+            return evaluate(model, x, y, self.cfg.eval_eps, e.pgd_steps, e.pgd_restarts,
+                            e.batch_size)
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _callback(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                fn(self, *args)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        """Train the remaining epochs, then build, evaluate and save the final model (SWA
+        average or the trained weights, with population BN statistics if configured). Returns
+        the final record (test metrics at ``eval.eps``)."""
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        show = cfg.log.progress and self.rank == 0
+        self.last_eps = self.last_coef = 0.0
+        while self.epoch < cfg.train.epochs:
+            t0 = time.perf_counter()
+            sums: Dict[str, Any] = {}
+            bar = tqdm(self.batches.epoch(self.epoch), total=self.steps_per_epoch,
+                       desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", unit="step",
+                       disable=not show, leave=False)
+            lr = self.opt.param_groups[0]["lr"]
+            for i, (xb, yb) in enumerate(bar):
+                loss = self.train_step(xb, yb, sums)
+                if show and (i % 20 == 0 or i + 1 == self.steps_per_epoch):
+                    bar.set_postfix(eps=f"{self.last_eps:.4f}", loss=f"{float(loss):.3f}")
+                self._callback("on_step", self.step)
+            bar.close()
+            self.sched.step()
+            if self.swa is not None and self.epoch >= cfg.swa.start_epoch:
+                self.swa.update_parameters(self.model)
+            self.epoch += 1
+            record = {"epoch": self.epoch, "step": self.step, "eps": self.last_eps,
+                      "coef": self.last_coef, "lr": lr, **self._epoch_stats(sums)}
+            evaluate_now = self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.epochs
+            metrics = (self.evaluate(self.model, cfg.eval.subset)
+                       if evaluate_now and self.rank == 0 else {})
+            record.update({k: metrics.get(k) for k in ("clean_acc", "pgd_acc", "cert_acc",
+                                                        "unstable_relu")})
+            record.update(eval_eps=cfg.eval_eps, epoch_time=time.perf_counter() - t0,
+                          elapsed=time.perf_counter() - self.start_time)
+            self._log(record)
+            if show:
+                tqdm.write(self._summary(record))
+            self._save_checkpoint()
+            self._callback("on_epoch_end", self.epoch, record)
+        return self.finish()
+
+    @staticmethod
+    def _summary(r: Dict[str, Any]) -> str:
+        def pct(v):
+            return "  -  " if v is None else f"{100 * v:5.1f}%"
+        return (f"epoch {r['epoch']:3d}  eps {r['eps']:.4f}  loss {r['train_loss']:.4f}  "
+                f"clean {pct(r['clean_acc'])}  pgd {pct(r['pgd_acc'])}  "
+                f"cert {pct(r['cert_acc'])}  ({r['epoch_time']:.1f} s)")
+
+    def final_model(self) -> nn.Module:
+        """The model to keep: the SWA average (BN statistics recomputed over the training set)
+        or a copy of the trained weights (population BN statistics if ``train.pop_bn``)."""
+        if self.swa is not None:
+            model = copy.deepcopy(self.swa.module)
+        else:
+            model = copy.deepcopy(self.model)
+        if self.swa is not None or self.cfg.train.pop_bn:
+            loader = Batches(self.x_train, self.y_train, self.local_batch, shuffle=False,
+                             drop_last=True, device=self.device)
+            bnlib.population_stats(model, (xb for xb, _ in loader.epoch(0)))
+        return model.eval()
+
+    def finish(self) -> Dict[str, Any]:
+        model = self.final_model()
+        record: Dict[str, Any] = {"final": True, "epoch": self.epoch, "step": self.step,
+                                  "eval_eps": self.cfg.eval_eps}
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            record.update(self.evaluate(model, self.cfg.eval.final_subset))
+            record.update(eval_time=time.perf_counter() - t0,
+                          elapsed=time.perf_counter() - self.start_time,
+                          eval_samples=len(self.y_test) if self.cfg.eval.final_subset is None
+                          else min(len(self.y_test), self.cfg.eval.final_subset))
+            self._log(record)
+            atomic_save({"format": FORMAT, "version": VERSION, "kind": "final",
+                         "epoch": self.epoch, "config": self.cfg.to_dict(),
+                         "model_spec": self.model_spec, "model": model.state_dict(),
+                         "metrics": record}, self.final_path)
+        if _distributed():
+            dist.barrier()
+        self.final = model
+        return record
+
+
+def train(cfg: Config, callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
+    """``Trainer(cfg, callbacks).fit()``."""
+    return Trainer(cfg, callbacks).fit()
+
+
+__all__ = ["Trainer", "train", "l1_term", "RECORD_FIELDS"]

@@ -1,0 +1,242 @@
+"""The trainer: schedules, BN statistics, exact resume, checkpoints, the metrics log, and a short
+IBP run on MNIST that must certify far above chance."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adcert.methods import Method, MethodOutput, register
+from adcert.train import Trainer, from_dict
+from adcert.train import checkpoint as ckpt_mod
+from adcert.train.bn import global_batch_stats, population_stats, update_running_stats
+from adcert.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from adcert.train.schedules import coef_at, eps_at, smooth_ramp
+from adcert.train.trainer import RECORD_FIELDS
+
+from conftest import REPO
+
+DATA = pathlib.Path(os.environ.get("ADCERT_DATA", REPO.parent / "shared" / "data"))
+
+
+@register
+class _NoisyCE(Method):
+    """Test method: CE on a randomly perturbed input (uses the global RNG, so resume must restore
+    it) plus nothing else; reports ``noise`` in its logs."""
+    name = "test-noisy-ce"
+
+    def __init__(self, scale: float = 0.05):
+        self.scale = scale
+
+    def loss(self, model, x, y, state):
+        noise = (torch.rand_like(x) * 2 - 1) * self.scale * state.coef
+        logits = model((x + noise).clamp(0, 1))
+        return MethodOutput(F.cross_entropy(logits, y), logits.detach(), None,
+                            {"noise": noise.abs().mean()})
+
+
+def _cfg(tmp_path, **over):
+    base = {"seed": 1, "output_dir": str(tmp_path), "device": "cpu",
+            "data": {"dataset": "digits", "batch_size": 32, "train_subset": 256,
+                     "test_subset": 64},
+            "model": {"name": "cnn3", "kwargs": {"width": 4, "linear_size": 16}},
+            "method": {"name": "test-noisy-ce"},
+            "train": {"epochs": 3, "lr": 1e-3, "lr_milestones": [2], "eps": 0.1,
+                      "clean_epochs": 1, "ramp_epochs": 1, "l1": 1e-5, "threads": 1},
+            "swa": {"enabled": True, "start_epoch": 1},
+            "eval": {"subset": 32, "pgd_steps": 2},
+            "log": {"progress": False}}
+    for key, value in over.items():
+        sec, name = key.split("__")
+        base[sec] = {**base[sec], name: value}
+    return from_dict(base)
+
+
+# -- schedules ----------------------------------------------------------------------------------
+def test_eps_schedule_shape():
+    ts = [i / 100 for i in range(101)]
+    s = [smooth_ramp(t) for t in ts]
+    assert s[0] == 0 and s[-1] == pytest.approx(1.0)
+    assert all(b >= a for a, b in zip(s, s[1:]))                 # monotone
+    assert smooth_ramp(0.1) == pytest.approx(smooth_ramp(0.2) / 16)   # power 4 before mid
+    d = [b - a for a, b in zip(s[30:], s[31:])]
+    assert max(d) - min(d) < 1e-9                                  # linear after mid
+    assert eps_at(9, clean=10, ramp=20, eps=0.3) == 0.0           # clean steps
+    assert eps_at(30, clean=10, ramp=20, eps=0.3) == pytest.approx(0.3)
+    assert eps_at(10, clean=10, ramp=0, eps=0.3) == pytest.approx(0.3)
+    assert coef_at("eps", 15, 10, 20, 0.03, 0.3) == pytest.approx(0.1)
+    assert coef_at("linear", 15, 10, 20, 0.03, 0.3) == pytest.approx(0.25)
+    assert coef_at("none", 0, 10, 20, 0.0, 0.3) == 1.0
+
+
+# -- batch-norm statistics ----------------------------------------------------------------------
+def test_global_stats_match_plain_batch_norm():
+    from adcert.models import cnn3
+
+    model = cnn3(1, 10, 8, width=4, linear_size=16)
+    ref = cnn3(1, 10, 8, width=4, linear_size=16)
+    ref.load_state_dict(model.state_dict())
+    x = torch.rand(12, 1, 8, 8)
+    model.train(), ref.train()
+    stats, counts = global_batch_stats(model, x)
+    update_running_stats(stats, counts)
+    ref(x)  # plain PyTorch training-mode forward updates the running statistics
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_population_stats_is_the_cumulative_average():
+    from adcert.models import cnn3
+
+    model = cnn3(1, 10, 8, width=4, linear_size=16)
+    xs = [torch.rand(8, 1, 8, 8) for _ in range(3)]
+    population_stats(model, xs)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # reference: the per-batch means of the first BN input, averaged
+    pre = torch.nn.Sequential(*list(model.children())[:2])
+    means = torch.stack([pre(x).mean(dim=(0, 2, 3)) for x in xs]).mean(0)
+    torch.testing.assert_close(bn.running_mean, means, rtol=1e-5, atol=1e-6)
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
+
+
+# -- exact resume -------------------------------------------------------------------------------
+class _Kill(Exception):
+    pass
+
+
+class _KillAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, step):
+        if step == self.step:
+            raise _Kill()
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_kill_and_resume_is_bit_identical(tmp_path, accum):
+    full = Trainer(_cfg(tmp_path / "full", train__grad_accum=accum))
+    full.fit()
+    steps = full.steps_per_epoch
+    # killed in the middle of epoch 2 (after the epoch-1 checkpoint), then resumed
+    part = Trainer(_cfg(tmp_path / "part", train__grad_accum=accum), [_KillAt(steps + 3)])
+    with pytest.raises(_Kill):
+        part.fit()
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
+    cfg = _cfg(tmp_path / "part", train__grad_accum=accum)
+    cfg.resume = True
+    resumed = Trainer(cfg)
+    assert resumed.epoch == 1 and resumed.step == steps
+    resumed.fit()
+    a, b = _weights(full.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for k, v in _weights(full.swa).items():
+        assert torch.equal(v, _weights(resumed.swa)[k]), k
+    assert full.opt.state_dict()["state"][0]["step"] == resumed.opt.state_dict()["state"][0]["step"]
+    # the metrics log has one record per epoch and the final one, no duplicates after resume
+    recs = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2, 3, 3] and recs[-1]["final"] is True
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    Trainer(_cfg(tmp_path, train__epochs=1)).fit()
+    cfg = _cfg(tmp_path, train__epochs=1, train__lr=2e-3)
+    cfg.resume = True
+    with pytest.raises(ValueError, match=r"^train\.lr: differs"):
+        Trainer(cfg)
+
+
+# -- log and checkpoints ------------------------------------------------------------------------
+def test_metrics_log_fields_and_final_model(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, train__epochs=2, train__lr_milestones=[1], swa__start_epoch=0))
+    record = trainer.fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert len(recs) == 3
+    for r in recs[:2]:
+        assert set(RECORD_FIELDS) <= set(r), set(RECORD_FIELDS) - set(r)
+        assert 0 <= r["clean_acc"] <= 1 and 0 <= r["cert_acc"] <= r["pgd_acc"] <= r["clean_acc"]
+        assert 0 <= r["unstable_relu"] <= 1 and r["epoch_time"] > 0
+        assert "noise" in r  # the method's own logs, averaged over the epoch
+    # eps (of the epoch's last step): 0 in the clean epoch, near the target at the ramp's end
+    assert recs[0]["eps"] == 0.0 and 0.05 < recs[1]["eps"] < 0.1
+    # milestone 1: the rate is decayed after the first epoch
+    assert recs[0]["lr"] == pytest.approx(1e-3) and recs[1]["lr"] == pytest.approx(2e-4)
+    assert recs[-1]["final"] and recs[-1]["clean_acc"] == record["clean_acc"]
+    model = model_from_checkpoint(tmp_path / "final.pt")
+    assert not model.training
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.final(x), rtol=0, atol=0)
+    # the final model is the SWA average, not the last weights
+    last = load_checkpoint(tmp_path / "last.pt")["model"]
+    key = next(k for k in last if k.endswith("weight"))
+    assert not torch.equal(last[key], model.state_dict()[key])
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    Trainer(_cfg(tmp_path, train__epochs=1)).fit()
+    path = tmp_path / "last.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+    cfg = _cfg(tmp_path, train__epochs=1)
+    cfg.resume = True
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(cfg)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+    torch.save({"some": "dict"}, path)
+    with pytest.raises(CheckpointError, match="not an adcert checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    ckpt_mod.atomic_save({"format": ckpt_mod.FORMAT, "v": 1}, path)
+    before = path.read_bytes()
+
+    def dying_save(obj, f):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt_mod, "_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_mod.atomic_save({"format": ckpt_mod.FORMAT, "v": 2}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temp file left
+
+
+# -- a real run ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(),
+                    reason=f"MNIST not found under {DATA} (set ADCERT_DATA)")
+def test_short_ibp_run_on_mnist_certifies(tmp_path):
+    # CTBench trains MNIST 0.1 at a larger eps than it tests (Table 3: 0.2); 0.15 here
+    cfg = from_dict({
+        "seed": 0, "output_dir": str(tmp_path), "device": "cpu",
+        "data": {"dataset": "mnist", "data_dir": str(DATA), "batch_size": 50,
+                 "train_subset": 2000, "test_subset": 200},
+        "model": {"name": "cnn3", "kwargs": {"width": 8, "linear_size": 64}},
+        "method": {"name": "ibp"},
+        "train": {"epochs": 10, "lr": 5e-3, "eps": 0.15, "clean_epochs": 1, "ramp_epochs": 6,
+                  "threads": 1},
+        "eval": {"eps": 0.1, "subset": 100, "pgd_steps": 5, "every": 10},
+        "log": {"progress": False}})
+    record = Trainer(cfg).fit()
+    assert record["eval_samples"] == 200
+    assert record["cert_acc"] > 0.4, record      # chance is 0.1 (about 0.53 on CPU, seed 0)
+    assert record["clean_acc"] >= record["pgd_acc"] >= record["cert_acc"]
