@@ -1,5 +1,6 @@
 """The ``adcert`` command line.
 
+    adcert quickstart [--dataset digits|mnist]       PGD teacher, then an AD-CERT student (README)
     adcert demo [--epochs N] [--eps E] [--seed S]   IBP certified training on the bundled digits
     adcert train --config FILE [--set k=v ...]      train from a YAML config (configs/)
     adcert bench [runner args]                      the op benchmarks (needs a source checkout)
@@ -46,11 +47,26 @@ def _demo(args) -> int:
     return demo.main(args.rest)
 
 
+def _quickstart(args) -> int:
+    from adcert import quickstart
+
+    return quickstart.main(args.rest)
+
+
+# Sub-commands whose arguments are parsed by their own module (options included).
+_PASSTHROUGH = {"demo": _demo, "bench": _bench, "quickstart": _quickstart}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        return int(_PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     parser = argparse.ArgumentParser(prog="adcert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, text in (("demo", _demo, "IBP certified training on the bundled digits"),
+    for name, fn, text in (("quickstart", _quickstart,
+                            "PGD teacher + AD-CERT student on the bundled digits"),
+                           ("demo", _demo, "IBP certified training on the bundled digits"),
                            ("bench", _bench, "run the op benchmarks"),
                            ("info", _info, "versions and kernel status")):
         p = sub.add_parser(name, help=text, add_help=(name == "info"))
