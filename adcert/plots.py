@@ -112,4 +112,51 @@ def plot_tradeoff(runs: Mapping[str, Tuple[float, float]], path,
     return path
 
 
-__all__ = ["plot_certified_accuracy", "plot_tradeoff"]
+def _pairs(items, what):
+    out = {}
+    for item in items or []:
+        label, sep, value = item.partition("=")
+        if not sep or not label:
+            raise SystemExit(f"adcert plot: expected {what} as LABEL=VALUE, got {item!r}")
+        out[label] = value
+    return out
+
+
+def _plot_cli(args) -> int:
+    radii = _pairs(args.radii, "--radii")
+    trade = _pairs(args.tradeoff, "--tradeoff")
+    if not radii and not trade:
+        raise SystemExit("adcert plot: give --radii LABEL=FILE.pt and/or --tradeoff LABEL=ACC,ACR")
+    if radii:
+        if args.eps_max is None:
+            raise SystemExit("adcert plot: --radii needs --eps-max")
+        runs = {k: torch.load(v, map_location="cpu").reshape(-1).double()
+                for k, v in radii.items()}
+        print(plot_certified_accuracy(runs, args.eps_max, args.out))
+    if trade:
+        points = {}
+        for k, v in trade.items():
+            try:
+                a, c = (float(t) for t in v.split(","))
+            except ValueError:
+                raise SystemExit(f"adcert plot: --tradeoff {k}: expected ACC,ACR, got {v!r}")
+            points[k] = (a, c)
+        print(plot_tradeoff(points, args.out_tradeoff))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """``adcert plot``: ``--radii LABEL=radii.pt`` (a saved ``[N]`` tensor of certified radii,
+    e.g. ``torch.save(certified_radius(...).radius, path)``) with ``--eps-max`` -> certified
+    accuracy over eps (``--out``); ``--tradeoff LABEL=ACC,ACR`` -> the trade-off plot
+    (``--out-tradeoff``)."""
+    p = subparsers.add_parser("plot", help="certified accuracy over eps / trade-off PNGs")
+    p.add_argument("--radii", action="append", metavar="LABEL=FILE.pt")
+    p.add_argument("--eps-max", type=float, default=None)
+    p.add_argument("--out", default="certified_accuracy.png")
+    p.add_argument("--tradeoff", action="append", metavar="LABEL=ACC,ACR")
+    p.add_argument("--out-tradeoff", default="tradeoff.png")
+    p.set_defaults(fn=_plot_cli)
+
+
+__all__ = ["plot_certified_accuracy", "plot_tradeoff", "add_parser"]

@@ -141,7 +141,7 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, eps_max: float,
                      rtol: Optional[float] = None, maxiter: int = 100,
                      init: Optional[Tensor] = None, init_width: float = 0.05,
                      sync_every: Optional[int] = None, bn_stats=None,
-                     **bound_options) -> RadiusResult:
+                     logits: Optional[Tensor] = None, **bound_options) -> RadiusResult:
     """Per-sample certified radius in ``[0, eps_max]`` (module docstring), batched.
 
     Args:
@@ -157,6 +157,9 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, eps_max: float,
         sync_every: see :func:`brent_search` (``None``: no synchronisation, ``maxiter`` passes).
         bn_stats: frozen batch-norm statistics for training-mode models (default: the clean
             statistics of ``x``, computed once and reused by every pass).
+        logits: optional clean logits ``[B, C]`` of ``model`` on ``x`` (same mode and batch-norm
+            statistics): ``R(0)`` is then read from them instead of an eps = 0 bound pass (one
+            pass fewer; what a training step that already ran the forward passes in).
         **bound_options: forwarded to ``compute_bounds`` (e.g. ``sound=True``).
 
     Returns:
@@ -178,7 +181,15 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, eps_max: float,
             from adcert.bounds import clean_bn_stats
             bn_stats = clean_bn_stats(model, x)
         fn = margin_function(model, x, y, method, bn_stats, **bound_options)
-        a, fa, b, fb, done, radius0 = _initial_brackets(fn, x, eps_max, init, init_width, dtype)
+        f0 = None
+        if logits is not None:
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+                raise ValueError(f"logits: expected a tensor [{n}, C], got "
+                                 f"{tuple(getattr(logits, 'shape', ())) or type(logits)}")
+            gap = logits.detach() - logits.detach().gather(1, y[:, None])  # z_i - z_y
+            f0 = gap.scatter(1, y[:, None], -math.inf).amax(1).to(dtype)
+        a, fa, b, fb, done, radius0 = _initial_brackets(fn, x, eps_max, init, init_width, dtype,
+                                                        f0)
         state = brent_search(fn, a, fa, b, fb, xtol=xtol, rtol=rtol, maxiter=maxiter,
                              done=done, sync_every=sync_every)
     radius = torch.where(done, radius0, state[LO])
@@ -187,11 +198,11 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, eps_max: float,
     return RadiusResult(radius, upper.to(dtype), state[ITERS].to(torch.int64), estimate)
 
 
-def _initial_brackets(fn, x, eps_max, init, init_width, dtype):
+def _initial_brackets(fn, x, eps_max, init, init_width, dtype, f0=None):
     """One batched pass at ``(a0, b0)`` per sample (``(0, eps_max)`` without ``init``) and, for
     warm starts that missed, one pass at 0 or ``eps_max`` on the rows concerned. Returns the
     Brent brackets ``a, fa, b, fb`` and, for samples decided without a search, ``done`` and
-    their radius ``radius0`` (0 or ``eps_max``)."""
+    their radius ``radius0`` (0 or ``eps_max``). ``f0``: ``R(0)`` when already known."""
     n = x.shape[0]
     zero = x.new_zeros(n, dtype=dtype)
     top = torch.full_like(zero, eps_max)
@@ -203,7 +214,8 @@ def _initial_brackets(fn, x, eps_max, init, init_width, dtype):
         a0, b0 = (r0 - w).clamp_min(0), (r0 + w).clamp_max(eps_max)
     # Two passes of B rows rather than one of 2B: every verdict of the search then comes from a
     # pass of the same shape, so re-evaluating the batch at the radii reproduces it bit for bit.
-    fa0, fb0 = fn(a0, None), fn(b0, None)
+    fa0 = f0 if (init is None and f0 is not None) else fn(a0, None)
+    fb0 = fn(b0, None)
     left = ~(fa0 < 0)                # root (or misclassification) at or below a0
     right = (fb0 < 0) & ~left        # root above b0, or certified at eps_max
     need = (left & (a0 > 0)) | (right & (b0 < eps_max))

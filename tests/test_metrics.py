@@ -67,6 +67,24 @@ def test_plots_write_png(tmp_path):
         plot_tradeoff({"x": (0.5, 0.5)}, tmp_path / "x.jpg")
 
 
+def test_plot_cli(tmp_path):
+    pytest.importorskip("matplotlib")
+    import argparse
+
+    from adcert.plots import add_parser
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    torch.save(torch.rand(20, dtype=torch.float64) * 0.1, tmp_path / "r.pt")
+    out, trade = tmp_path / "c.png", tmp_path / "t.png"
+    args = parser.parse_args(["plot", "--radii", f"a={tmp_path / 'r.pt'}", "--eps-max", "0.1",
+                              "--out", str(out), "--tradeoff", "a=0.5,0.3",
+                              "--out-tradeoff", str(trade)])
+    assert args.fn(args) == 0 and out.stat().st_size > 0 and trade.stat().st_size > 0
+    with pytest.raises(SystemExit, match="eps-max"):
+        args = parser.parse_args(["plot", "--radii", f"a={tmp_path / 'r.pt'}"])
+        args.fn(args)
+
+
 # ----------------------------------------------------------------------------- ACERT
 
 def _tiny_net():

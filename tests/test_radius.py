@@ -300,3 +300,18 @@ def test_warm_start_gives_the_same_radii():
     near = certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=60, init=cold.radius,
                             sync_every=1)
     assert int(near.iterations.sum()) <= int(cold.iterations.sum())
+
+
+def test_clean_logits_replace_the_eps_zero_pass():
+    model = _relu_model(2)
+    x = torch.rand(20, 8, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    y[:5] = (y[:5] + 2) % 3
+    base = certified_radius(model, x, y, 0.3, xtol=1e-7, maxiter=50)
+    fast = certified_radius(model, x, y, 0.3, xtol=1e-7, maxiter=50, logits=logits)
+    assert bool((fast.radius[:5] == 0).all())
+    torch.testing.assert_close(fast.radius, base.radius, rtol=0, atol=2e-7)
+    with pytest.raises(ValueError, match="logits"):
+        certified_radius(model, x, y, 0.3, logits=logits[:3])

@@ -124,7 +124,8 @@ class ACERT(Method):
         if index is not None and self.cache.known(index):  # one host sync per step
             init = self.cache.get(index, eps, x.new_empty(0))
         res = certified_radius(model, x, y, eps, xtol=self.xtol, rtol=self.rtol,
-                               maxiter=self.maxiter, init=init, bn_stats=state.bn_stats)
+                               maxiter=self.maxiter, init=init, bn_stats=state.bn_stats,
+                               logits=logits)
         radius = res.radius if self.certified_only else res.estimate
         if index is not None:
             self.cache.put(index, radius, eps)
