@@ -3,6 +3,7 @@
     adcert quickstart [--dataset digits|mnist]       PGD teacher, then an AD-CERT student (README)
     adcert demo [--epochs N] [--eps E] [--seed S]   IBP certified training on the bundled digits
     adcert train --config FILE [--set k=v ...]      train from a YAML config (configs/)
+    adcert plot --radii LABEL=FILE.pt --eps-max E  certified accuracy over eps (PNG)
     adcert bench [runner args]                      the op benchmarks (needs a source checkout)
     adcert info                                     versions, extension and kernel status
 """
@@ -75,6 +76,9 @@ def main(argv=None) -> int:
     from adcert.train import cli as train_cli  # light: argparse only until it runs
 
     train_cli.add_parser(sub)
+    from adcert import plots
+
+    plots.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)
 

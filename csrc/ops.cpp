@@ -62,4 +62,6 @@ TORCH_LIBRARY(adcert, m) {
       "adcert_loss(Tensor student, Tensor teacher, Tensor margin, Tensor? clean, float alpha, "
       "float tau, float adv_weight) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_margin, Tensor grad_clean)");
+  // One batched Brent root-search step (certified radius): state [12, B], f [B] -> new state.
+  m.def("brent_step(Tensor state, Tensor f, float xtol, float rtol, int max_iter) -> Tensor");
 }

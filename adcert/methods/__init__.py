@@ -5,10 +5,10 @@
     out = method.loss(model, x, y, StepState(eps=eps_t, eps_target=eps))
 
 Registered: ``ibp``, ``pgd`` (teachers), ``mtl-ibp``, ``cc-ibp``, ``exp-ibp``, ``sabr``,
-``adcert``, ``rslad-cert`` (the last two need ``teacher=``).
+``adcert``, ``rslad-cert`` (these two need ``teacher=``), ``acert``, ``acert-fast``.
 """
 from adcert.methods.base import METHODS, Method, MethodOutput, StepState, get_method, register
-from adcert.methods import adcert, ibp, mtl_ibp, pgd, sabr  # noqa: F401  (registration)
+from adcert.methods import acert, adcert, ibp, mtl_ibp, pgd, sabr  # noqa: F401  (registration)
 from adcert.methods.regularizers import l1_penalty, warmup_regularizer
 
 __all__ = ["METHODS", "Method", "MethodOutput", "StepState", "get_method", "register",

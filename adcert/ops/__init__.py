@@ -17,6 +17,7 @@ that pass for boxes you have already validated.
                             dilation=1, groups=1, relu=True)
     adcert_loss(student_adv_logits, teacher_logits, margin_lb, alpha, tau=1.0, reduction="mean",
                 clean_logits=None, adv_weight=5/6)                        -> loss
+    brent_step(state, f, xtol, rtol, max_iter)   -> state   (batched Brent step, adcert.radius)
 """
 from adcert.ops._extension import load_extension as _load_extension
 
@@ -24,6 +25,7 @@ _load_extension()  # registers torch.ops.adcert.* and the CPU kernels; clear err
 
 from adcert.ops import reference  # noqa: E402,F401
 from adcert.ops.adcert_loss import adcert_loss  # noqa: E402
+from adcert.ops.brent_step import brent_step  # noqa: E402
 from adcert.ops.interval_batch_norm import interval_batch_norm  # noqa: E402
 from adcert.ops.interval_conv2d import interval_conv2d  # noqa: E402
 from adcert.ops.interval_conv2d_bn_relu import interval_conv2d_bn_relu  # noqa: E402
@@ -37,4 +39,4 @@ GPU_KERNELS = _register_gpu_kernels()
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_batch_norm", "interval_relu",
            "interval_linear_bn_relu", "interval_conv2d_bn_relu", "reference", "value_checks",
-           "adcert_loss"]
+           "adcert_loss", "brent_step"]

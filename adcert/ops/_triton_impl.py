@@ -36,11 +36,13 @@ import torch.nn.functional as F
 
 try:  # installed: kernels/ is the package adcert.kernels
     from adcert.kernels import adcert_loss as _loss
+    from adcert.kernels import brent_step as _brent
     from adcert.kernels import interval_bn_relu as _bn_relu
     from adcert.kernels import interval_linear as _linear
     from adcert.kernels import interval_relu as _relu
 except ImportError:  # a source checkout on sys.path, without the package mapping
     from kernels import adcert_loss as _loss  # type: ignore[no-redef]
+    from kernels import brent_step as _brent  # type: ignore[no-redef]
     from kernels import interval_bn_relu as _bn_relu  # type: ignore[no-redef]
     from kernels import interval_linear as _linear  # type: ignore[no-redef]
     from kernels import interval_relu as _relu  # type: ignore[no-redef]
@@ -285,10 +287,16 @@ def adcert_loss(student: Tensor, teacher: Tensor, margin: Tensor, clean: Optiona
     return _loss.adcert_loss_forward(student, teacher, margin, clean, alpha, tau, adv_weight)
 
 
+def brent_step(state: Tensor, f: Tensor, xtol: float, rtol: float, max_iter: int) -> Tensor:
+    """``state: [12, B]``, ``f: [B]`` -> the new Brent state (``adcert/ops/brent_step.py``)."""
+    return _brent.brent_step(state, f, xtol, rtol, max_iter)
+
+
 # ----------------------------------------------------------------------------- registration
 
 CUDA_KERNELS = {
     "adcert_loss": adcert_loss,
+    "brent_step": brent_step,
     "interval_linear": interval_linear,
     "interval_linear_backward": interval_linear_backward,
     "interval_conv2d": interval_conv2d,

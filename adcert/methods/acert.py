@@ -1,0 +1,172 @@
+"""ACERT: adaptive certified training (papers/acert.txt; DESIGN.md sections 6-7).
+
+Each sample is trained at its own certified radius, capped at the scheduled ``eps_max_t =
+state.eps`` (the paper schedules ``eps_max_t`` from 0 to ``eps_max`` during warm-up)::
+
+    E_i    = certified radius of (x_i, y_i) in [0, eps_max_t]     (adcert.certified_radius, IBP)
+    L_rob  = mean_i CE(-m(x_i, y_i; E_i), y_i)                    (eq. 9: IBP margins at E_i)
+    L      = kappa CE(f(x), y) + (1 - kappa) L_rob                (eq. 11)
+             + reg_lambda (1 - eps_t / eps) R_warmup               (Shi et al.'s regularisers)
+
+``E_i`` is found without gradient (Brent, ``maxiter`` iterations; the paper uses 2, xtol 1e-6,
+rtol 1e-4); by default the loss uses Brent's best point (``brentq``'s answer, as the paper does);
+``certified_only=True`` trains at the verified lower end instead. ``acert-fast`` (the paper's
+zero-iteration variant, Appendix B) sets ``E_i = eps_max_t`` for correctly classified samples and
+0 for misclassified ones.
+
+Warm starts across epochs: the trainer does not pass sample indices, so the cache is opt-in:
+``loss(model, x, y, state, index=idx)`` with ``idx: [B]`` int64 dataset indices stores each
+sample's radius (as a fraction of ``eps_max_t``) and starts the next search for that sample from
+a narrow bracket around it. Without ``index`` every search starts from ``[0, eps_max_t]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adcert.bounds import compute_bounds
+from adcert.methods.base import Method, MethodOutput, StepState, register
+from adcert.radius import certified_radius
+
+try:  # Shi et al.'s warm-up regularisers (adcert.methods.regularizers, when present)
+    from adcert.methods.regularizers import warmup_regularizer
+except ImportError:  # pragma: no cover - older trees: the warm-up regulariser is unavailable
+    warmup_regularizer = None
+
+Tensor = torch.Tensor
+
+
+class RadiusCache:
+    """Last radii per dataset index, stored as fractions of that step's ``eps_max_t`` (NaN:
+    unknown). ``get(index, eps, like)`` -> ``[B]`` radii (unknown: ``eps / 2``); ``put(index,
+    radius, eps)``; ``known(index)``: any stored. Grows on demand; lives on the device of the
+    radii. A batch with no stored radius starts cold (``init=None``)."""
+
+    def __init__(self):
+        self.frac: Optional[Tensor] = None
+
+    def _grow(self, index: Tensor, like: Tensor) -> None:
+        need = int(index.max()) + 1 if index.numel() else 0
+        if self.frac is None or self.frac.numel() < need or self.frac.device != like.device:
+            new = torch.full((max(need, 1),), math.nan, dtype=like.dtype, device=like.device)
+            if self.frac is not None:
+                k = min(self.frac.numel(), new.numel())
+                new[:k] = self.frac[:k].to(new)
+            self.frac = new
+
+    def known(self, index: Tensor) -> bool:
+        """Whether any of ``index`` has a stored radius."""
+        if self.frac is None or index.numel() == 0:
+            return False
+        inside = index[index < self.frac.numel()]
+        return bool((~torch.isnan(self.frac[inside])).any())
+
+    def get(self, index: Tensor, eps: float, like: Tensor) -> Tensor:
+        self._grow(index, like)
+        frac = self.frac[index]
+        return torch.where(torch.isnan(frac), torch.full_like(frac, 0.5), frac) * eps
+
+    def put(self, index: Tensor, radius: Tensor, eps: float) -> None:
+        self._grow(index, radius)
+        self.frac[index] = (radius.detach() / eps).to(self.frac.dtype)
+
+
+def _check_hparams(name, kappa, maxiter, xtol, rtol, reg_lambda, reg_tau):
+    for key, v in (("kappa", kappa), ("xtol", xtol), ("rtol", rtol), ("reg_lambda", reg_lambda),
+                   ("reg_tau", reg_tau)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TypeError(f"{name}: {key} must be a finite number, got {v!r}")
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"{name}: kappa must be in [0, 1], got {kappa}")
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+        raise ValueError(f"{name}: maxiter must be an int >= 0, got {maxiter!r}")
+    if xtol <= 0 or rtol < 0 or reg_lambda < 0 or reg_tau <= 0:
+        raise ValueError(f"{name}: expected xtol > 0, rtol >= 0, reg_lambda >= 0, reg_tau > 0; "
+                         f"got {xtol}, {rtol}, {reg_lambda}, {reg_tau}")
+
+
+@register
+class ACERT(Method):
+    """Hyper-parameters (paper defaults, Table 4 / section 4.2):
+
+    kappa:          weight of the clean CE (eq. 11); 0 in the paper's main tables.
+    maxiter:        Brent iterations per step (2 in the paper; 0 = trained at the bracket ends).
+    xtol, rtol:     Brent tolerances (1e-6, 1e-4).
+    certified_only: train at the verified lower radius instead of Brent's best point.
+    reg_lambda, reg_tau: Shi et al.'s warm-up regulariser weight (0.5; 0.2 for TinyImageNet)
+                    and tolerance, weighted ``reg_lambda * (1 - eps_t / eps)``.
+    fast:           the ACERT-fast variant (no search: ``eps_max_t`` if correct, else 0).
+    """
+    name = "acert"
+
+    def __init__(self, kappa: float = 0.0, maxiter: int = 2, xtol: float = 1e-6,
+                 rtol: float = 1e-4, certified_only: bool = False, reg_lambda: float = 0.5,
+                 reg_tau: float = 0.5, fast: bool = False):
+        _check_hparams(self.name, kappa, maxiter, xtol, rtol, reg_lambda, reg_tau)
+        self.kappa, self.maxiter = float(kappa), int(maxiter)
+        self.xtol, self.rtol = float(xtol), float(rtol)
+        self.certified_only, self.fast = bool(certified_only), bool(fast)
+        self.reg_lambda, self.reg_tau = float(reg_lambda), float(reg_tau)
+        self.cache = RadiusCache()
+
+    def radii(self, model: nn.Module, x: Tensor, y: Tensor, logits: Tensor, state: StepState,
+              index: Optional[Tensor] = None):
+        """``(E [B] detached, iterations [B] or None)`` at ``eps_max_t = state.eps``."""
+        eps = float(state.eps)
+        if self.fast:
+            correct = logits.detach().argmax(1) == y
+            return torch.where(correct, eps, 0.0).to(x.dtype), None
+        init = None
+        if index is not None and self.cache.known(index):  # one host sync per step
+            init = self.cache.get(index, eps, x.new_empty(0))
+        res = certified_radius(model, x, y, eps, xtol=self.xtol, rtol=self.rtol,
+                               maxiter=self.maxiter, init=init, bn_stats=state.bn_stats,
+                               logits=logits)
+        radius = res.radius if self.certified_only else res.estimate
+        if index is not None:
+            self.cache.put(index, radius, eps)
+        return radius.detach(), res.iterations
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, state: StepState,
+             index: Optional[Tensor] = None) -> MethodOutput:
+        """``x: [B, *in]``, ``y: [B]``; ``index: [B]`` int64 dataset indices (optional, enables
+        warm starts across epochs)."""
+        logits = model(x)
+        nat = F.cross_entropy(logits, y)
+        if state.eps <= 0:
+            return MethodOutput(nat, logits.detach(), None, {"loss_nat": nat.detach()})
+        radius, iters = self.radii(model, x, y, logits, state, index)
+        reg_on = self.reg_lambda > 0 and state.warmup and warmup_regularizer is not None
+        relu_bounds = [] if reg_on else None
+        margins = compute_bounds(model, x, radius, y=y, bn_stats=state.bn_stats,
+                                 relu_bounds=relu_bounds)
+        rob = F.cross_entropy(-margins, y)
+        total = self.kappa * nat + (1 - self.kappa) * rob
+        logs = {"loss_nat": nat.detach(), "loss_rob": rob.detach(),
+                "acr_train": radius.mean() / state.eps}
+        if iters is not None:
+            logs["brent_iters"] = iters.to(radius.dtype).mean()
+        if reg_on and relu_bounds:
+            box_radius = ((x + radius.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1)
+                          - (x - radius.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1)) / 2
+            penalty = warmup_regularizer(box_radius, relu_bounds, self.reg_tau)
+            total = total + self.reg_lambda * (1 - state.ramp) * penalty
+            logs["loss_reg"] = penalty.detach()
+        return MethodOutput(total, logits.detach(), None, logs)
+
+
+@register
+class ACERTFast(ACERT):
+    """ACERT-fast (papers/acert.txt Appendix B): zero search iterations; a correctly classified
+    sample is trained at ``eps_max_t``, a misclassified one at 0."""
+    name = "acert-fast"
+
+    def __init__(self, kappa: float = 0.0, reg_lambda: float = 0.5, reg_tau: float = 0.5):
+        super().__init__(kappa=kappa, reg_lambda=reg_lambda, reg_tau=reg_tau, fast=True)
+
+
+__all__ = ["ACERT", "ACERTFast", "RadiusCache"]
