@@ -66,7 +66,8 @@ class ADCert(IBPFamily):
                             self.step_size)
         margins = self.ibp_margins(model, x, y, state, reg)
         alpha = self.current_alpha(state)
-        loss = adcert_loss(model(x_adv), teacher_logits, margins, alpha, tau=self.tau,
+        adv_logits = self.frozen_forward(model, x_adv, state)
+        loss = adcert_loss(adv_logits, teacher_logits, margins, alpha, tau=self.tau,
                            clean_logits=self.clean_term(logits))
         return loss, margins, {"alpha": alpha}
 
@@ -96,6 +97,7 @@ class RSLADCert(ADCert):
                             self.step_size)
         margins = self.ibp_margins(model, x, y, state, reg)
         alpha = self.current_alpha(state)
-        loss = adcert_loss(model(x_adv), teacher_logits, margins, alpha, tau=self.tau,
+        adv_logits = self.frozen_forward(model, x_adv, state)
+        loss = adcert_loss(adv_logits, teacher_logits, margins, alpha, tau=self.tau,
                            clean_logits=logits, adv_weight=self.adv_weight)
         return loss, margins, {"alpha": alpha}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adcert.attacks import pgd_attack
+from adcert.attacks import frozen_bn, pgd_attack
 from adcert.bounds import compute_bounds
 from adcert.methods.base import Method, MethodOutput, StepState
 from adcert.methods.regularizers import warmup_regularizer
@@ -71,6 +71,13 @@ class IBPFamily(Method):
     def ibp_loss(margins: Tensor, y: Tensor) -> Tensor:
         """``CE([0, -m_lb], 0) = CE(-margins, y)`` averaged over the batch."""
         return F.cross_entropy(-margins, y)
+
+    @staticmethod
+    def frozen_forward(model: nn.Module, x: Tensor, state: StepState) -> Tensor:
+        """``model(x)`` with the step's frozen BN statistics and no running-statistics update:
+        every forward of a step except the clean one (DESIGN.md section 5)."""
+        with frozen_bn(model, state.bn_stats):
+            return model(x)
 
     @staticmethod
     def attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int,

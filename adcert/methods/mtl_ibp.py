@@ -9,7 +9,6 @@ adversarial and an IBP loss with coefficient ``alpha``:
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from adcert.methods.base import register
@@ -34,7 +33,7 @@ class _Expressive(IBPFamily):
     def robust_loss(self, model, x, y, state, logits, reg):
         x_adv = self.attack(model, x, y, self.scale * state.eps, self.steps, state,
                             self.step_size)
-        adv_logits = model(x_adv) if self.alpha < 1 else None
+        adv_logits = self.frozen_forward(model, x_adv, state) if self.alpha < 1 else None
         margins = self.ibp_margins(model, x, y, state, reg)
         return self.combine(adv_logits, margins, y), margins, {}
 

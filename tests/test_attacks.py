@@ -1,0 +1,190 @@
+"""PGD (CE and margin losses, restarts, explicit boxes, per-sample eps), the frozen batch-norm
+context and EDAC's look-ahead attack, in fp64 on tiny nets."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adcert.attacks import (adversarial_certainty, edac_attack, edac_lookahead, frozen_bn,
+                            margin_loss, pgd_attack)
+from adcert.bounds import clean_bn_stats
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small net trained (100 Adam steps) on a 3-class linear problem, with its data."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    x = torch.rand(60, 6)
+    y = (x[:, :3] - x[:, 3:]).argmax(1)
+    model = bn_net(1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    torch.set_default_dtype(old)
+    return model, x, y
+
+
+def test_margin_loss_is_best_other_minus_true():
+    z = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 4.0]])
+    torch.testing.assert_close(margin_loss(z, torch.tensor([1, 0])), torch.tensor([-1.0, 3.5]))
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_pgd_raises_the_loss_of_a_trained_net_and_stays_in_the_box(trained, loss):
+    model, x, y = trained
+    model.eval()
+    eps = 0.1
+    fn = {"ce": lambda z: F.cross_entropy(z, y, reduction="none"),
+          "margin": lambda z: margin_loss(z, y)}[loss]
+    torch.manual_seed(0)
+    x_adv = pgd_attack(model, x, y, eps, steps=10, loss=loss)
+    assert bool((x_adv >= (x - eps).clamp(0, 1)).all() and (x_adv <= (x + eps).clamp(0, 1)).all())
+    assert bool((x_adv >= 0).all() and (x_adv <= 1).all())
+    with torch.no_grad():
+        clean, adv = fn(model(x)), fn(model(x_adv))
+    assert float(adv.mean()) > float(clean.mean()) + 0.05
+    assert float((adv >= clean - 1e-6).double().mean()) > 0.9
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_in_train_mode_with_frozen_stats_leaves_bn_alone(trained):
+    model, x, y = trained
+    model = copy.deepcopy(model).train()
+    bn = model[1]
+    running = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    stats = clean_bn_stats(model, x)
+    x_adv = pgd_attack(model, x, y, 0.1, steps=3, bn_stats=stats)
+    assert bn.training and model.training
+    assert torch.equal(bn.running_mean, running[0]) and torch.equal(bn.running_var, running[1])
+    assert int(bn.num_batches_tracked) == running[2]
+    # no stats given: batch statistics, still no running-stat update
+    pgd_attack(model, x, y, 0.1, steps=2)
+    assert torch.equal(bn.running_mean, running[0])
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+
+
+def test_explicit_box_and_per_sample_eps(trained):
+    model, x, y = trained
+    model.eval()
+    x_L = (x - 0.02).clamp(0, 1)
+    x_U = (x + 0.07).clamp(0, 1)
+    x_adv = pgd_attack(model, x, y, steps=4, x_L=x_L, x_U=x_U)
+    assert bool((x_adv >= x_L).all() and (x_adv <= x_U).all())
+    eps = torch.linspace(0, 0.2, len(x))
+    x_adv = pgd_attack(model, x, y, eps, steps=4)
+    dist = (x_adv - x).abs().amax(1)
+    assert bool((dist <= eps + 1e-12).all()) and float(dist[0]) == 0.0
+    with pytest.raises(ValueError, match="x_L, x_U"):
+        pgd_attack(model, x, y, x_L=x_L)
+
+
+def test_restarts_keep_the_per_sample_best(trained):
+    model, x, y = trained
+    model.eval()
+    torch.manual_seed(5)
+    singles = [pgd_attack(model, x, y, 0.1, steps=2) for _ in range(3)]
+    torch.manual_seed(5)
+    best = pgd_attack(model, x, y, 0.1, steps=2, restarts=3)
+    with torch.no_grad():
+        losses = torch.stack([F.cross_entropy(model(s), y, reduction="none") for s in singles])
+        got = F.cross_entropy(model(best), y, reduction="none")
+    torch.testing.assert_close(got, losses.max(0).values)
+
+
+def test_frozen_bn_restores_after_an_exception():
+    model = bn_net().train()
+    bn = model[1]
+    mean, var = torch.randn(16), torch.rand(16) + 0.5
+    buffers = (bn.running_mean, bn.running_var)
+    with pytest.raises(RuntimeError, match="boom"):
+        with frozen_bn(model, {bn: (mean, var)}):
+            assert not bn.training and torch.equal(bn.running_mean, mean)
+            raise RuntimeError("boom")
+    assert bn.training and bn.running_mean is buffers[0] and bn.running_var is buffers[1]
+
+
+def test_frozen_bn_in_eval_mode_uses_running_statistics():
+    model = bn_net().eval()
+    bn = model[1]
+    bn.running_mean.normal_()
+    x = torch.rand(4, 6)
+    want = model(x)
+    with frozen_bn(model, None):
+        torch.testing.assert_close(model(x), want)
+    assert not bn.training
+
+
+# -- EDAC ------------------------------------------------------------------------------------
+def test_adversarial_certainty_is_mean_logit_std():
+    z = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    want = (torch.tensor(1.0) + torch.tensor(12.0).sqrt()) / 2
+    torch.testing.assert_close(adversarial_certainty(z), want)
+    with pytest.raises(ValueError, match="logits"):
+        adversarial_certainty(torch.rand(3))
+
+
+def test_edac_lookahead_is_one_gradient_step_down_the_certainty(trained):
+    model, x, y = trained
+    model = copy.deepcopy(model).train()
+    stats = clean_bn_stats(model, x)
+    before = copy.deepcopy(model.state_dict())
+    x_adv = (x + 0.05).clamp(0, 1)
+    got = edac_lookahead(model, x_adv, 0.3, stats)
+    # independent computation on a copy in eval mode with the clean statistics as running ones
+    ref = copy.deepcopy(model).eval()
+    ref[1].running_mean.copy_(stats[model[1]][0])
+    ref[1].running_var.copy_(stats[model[1]][1])
+    z = ref(x_adv)
+    z.std(1).mean().backward()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got[name], p.detach() - 0.3 * p.grad)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    # the step lowers the certainty (small enough step)
+    small = edac_lookahead(model, x_adv, 1e-3, stats)
+    with frozen_bn(model, stats):
+        ac0 = adversarial_certainty(model(x_adv)).detach()
+        ac1 = adversarial_certainty(torch.func.functional_call(model, small, (x_adv,))).detach()
+    assert float(ac1) < float(ac0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_edac_attack_is_pgd_on_the_lookahead_model(trained, gamma):
+    model, x, y = trained
+    model = copy.deepcopy(model).train()
+    stats = clean_bn_stats(model, x)
+    tracked = int(model[1].num_batches_tracked)
+    torch.manual_seed(11)
+    got = edac_attack(model, x, y, 0.1, steps=3, edac_step_size=gamma, bn_stats=stats)
+    torch.manual_seed(11)
+    x0 = pgd_attack(model, x, y, 0.1, steps=3, bn_stats=stats)
+    ahead = copy.deepcopy(model)
+    params = edac_lookahead(model, x0, gamma, stats)
+    with torch.no_grad():
+        for name, p in ahead.named_parameters():
+            p.copy_(params[name])
+    stats_ahead = {ahead[1]: stats[model[1]]}
+    want = pgd_attack(ahead, x, y, 0.1, steps=3, bn_stats=stats_ahead)
+    torch.testing.assert_close(got, want)
+    assert all(p.grad is None for p in model.parameters())
+    assert int(model[1].num_batches_tracked) == tracked
