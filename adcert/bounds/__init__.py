@@ -13,8 +13,8 @@ from adcert.bounds.forward import clean_bn_stats, clean_forward, resolve_bn_stat
 from adcert.bounds.ibp import IBP_RULES, ibp_forward, ibp_steps
 from adcert.bounds.inputs import input_box
 from adcert.bounds.plan import (
-    SUPPORTED_MODULES, AffineStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
-    build_plan, get_plan,
+    SUPPORTED_MODULES, AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan,
+    NormalizeStep, ReluStep, ReshapeStep, ResidualStep, build_plan, get_plan, iter_steps,
 )
 from adcert.bounds.spec import fold_margin_spec, margin_lower_folded, margin_lower_from_logits
 
@@ -22,6 +22,7 @@ __all__ = [
     "compute_bounds", "BoundRequest", "clean_bn_stats", "clean_forward", "resolve_bn_stats", "ibp_forward",
     "ibp_steps", "IBP_RULES",
     "input_box", "get_plan", "build_plan", "LayerPlan", "AffineStep", "BatchNormStep",
-    "NormalizeStep", "ReluStep", "FlattenStep", "SUPPORTED_MODULES", "METHODS", "PLANNED_METHODS",
+    "NormalizeStep", "ReluStep", "FlattenStep", "AvgPoolStep", "ReshapeStep", "ResidualStep",
+    "iter_steps", "SUPPORTED_MODULES", "METHODS", "PLANNED_METHODS",
     "fold_margin_spec", "margin_lower_folded", "margin_lower_from_logits",
 ]

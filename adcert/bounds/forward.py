@@ -16,7 +16,8 @@ from adcert.bounds import bn as bnlib
 from adcert.bounds.bn import BNStats
 from adcert.bounds.inputs import check_x
 from adcert.bounds.plan import (
-    AffineStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep, get_plan,
+    AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
+    ReshapeStep, ResidualStep, get_plan,
 )
 
 Tensor = torch.Tensor
@@ -35,8 +36,11 @@ def clean_forward(plan: LayerPlan, x: Tensor, bn_stats: Optional[Mapping] = None
     Training-mode batch norms (see :func:`adcert.bounds.bn.uses_batch_stats`; ``model_training``
     is the model's own ``training`` flag) use ``bn_stats[bn]`` when given, else the batch
     statistics of their clean input, which are then stored in ``collect`` (if given)."""
-    h = x
-    for step in plan.steps:
+    return _forward_steps(plan.steps, x, bn_stats, collect, model_training)
+
+
+def _forward_steps(steps, h: Tensor, bn_stats, collect, model_training: bool) -> Tensor:
+    for step in steps:
         if isinstance(step, NormalizeStep):
             h = step.module(h)
         elif isinstance(step, AffineStep):
@@ -58,6 +62,16 @@ def clean_forward(plan: LayerPlan, x: Tensor, bn_stats: Optional[Mapping] = None
             h = torch.relu(h)
         elif isinstance(step, FlattenStep):
             h = step.module(h)
+        elif isinstance(step, AvgPoolStep):
+            h = step.module(h)
+        elif isinstance(step, ReshapeStep):
+            h = step.apply(h)
+        elif isinstance(step, ResidualStep):
+            out = None
+            for branch in step.branches:
+                b = _forward_steps(branch, h, bn_stats, collect, model_training)
+                out = b if out is None else out + b
+            h = torch.relu(out) if step.relu else out
         else:  # pragma: no cover
             raise NotImplementedError(f"clean_forward: no rule for {type(step).__name__}")
     return h

@@ -3,7 +3,8 @@
 Boxes are centre-radius ``(mu, r)`` (DESIGN.md section 3). Each step is one call of a public
 :mod:`adcert.ops` op -- an :class:`AffineStep` is a single fused
 ``interval_{conv2d,linear}_bn_relu``
--- except Normalize and Flatten, which are exact and cheap in plain torch. The ops are looked up on
+-- except Normalize, Flatten/reshape and average pooling, which are exact and cheap in plain
+torch. A :class:`ResidualStep` sums its branches' boxes (DESIGN.md section 3). The ops are looked up on
 :mod:`adcert.ops` at call time, so whichever backend it exports (reference or compiled) is used.
 
 No host synchronisation happens here.
@@ -19,7 +20,8 @@ from torch import nn
 from adcert import ops
 from adcert.bounds import bn as bnlib
 from adcert.bounds.plan import (
-    AffineStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep, Step,
+    AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
+    ReshapeStep, ResidualStep, Step,
 )
 
 Tensor = torch.Tensor
@@ -93,12 +95,40 @@ def _flatten(step: FlattenStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
     return step.module(mu), step.module(r)
 
 
+def _avg_pool(step: AvgPoolStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    # linear with non-negative weights: exact in centre-radius form
+    return step.module(mu), step.module(r)
+
+
+def _reshape(step: ReshapeStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
+    return step.apply(mu), step.apply(r)
+
+
+def _residual(step: ResidualStep, mu: Tensor, r: Tensor, stats: Stats,
+              relu_bounds: Optional[List[Box]] = None) -> Box:
+    """Sum of the branches' boxes (``mu1 + mu2``, ``r1 + r2``), then optionally ReLU. ReLU inputs
+    are collected branch by branch, in branch order, then the join's own ReLU."""
+    out_mu = out_r = None
+    for branch in step.branches:
+        b_mu, b_r = ibp_steps(branch, mu, r, stats, relu_bounds)
+        out_mu = b_mu if out_mu is None else out_mu + b_mu
+        out_r = b_r if out_r is None else out_r + b_r
+    if step.relu:
+        if relu_bounds is not None:
+            relu_bounds.append((out_mu - out_r, out_mu + out_r))
+        out_mu, out_r = ops.interval_relu(out_mu, out_r)
+    return out_mu, out_r
+
+
 IBP_RULES: Dict[Type[Step], Callable[[Step, Tensor, Tensor, Stats], Box]] = {
     AffineStep: _affine,  # type: ignore[dict-item]
     BatchNormStep: _batch_norm,  # type: ignore[dict-item]
     NormalizeStep: _normalize,  # type: ignore[dict-item]
     ReluStep: _relu,  # type: ignore[dict-item]
     FlattenStep: _flatten,  # type: ignore[dict-item]
+    AvgPoolStep: _avg_pool,  # type: ignore[dict-item]
+    ReshapeStep: _reshape,  # type: ignore[dict-item]
+    ResidualStep: _residual,  # type: ignore[dict-item]
 }
 
 
@@ -118,6 +148,9 @@ def ibp_steps(steps: Sequence[Step], mu: Tensor, r: Tensor, stats: Stats,
     (differentiable). Fused steps then run their ReLU as a separate op, which is slower: collect
     only when needed (e.g. the warm-up regularisers)."""
     for step in steps:
+        if isinstance(step, ResidualStep):
+            mu, r = _residual(step, mu, r, stats, relu_bounds)
+            continue
         if relu_bounds is not None:
             bare = _without_relu(step)
             if bare is not None:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from adcert.bounds.plan import LayerPlan
+from adcert.bounds.plan import LayerPlan, iter_steps
 
 Tensor = torch.Tensor
 Eps = Union[float, int, Tensor]
@@ -63,7 +63,7 @@ def check_x_for_plan(plan: LayerPlan, x: Tensor) -> None:
 
 def _check_model_dtype(plan: LayerPlan, x: Tensor) -> None:
     """``x`` must have the dtype and device of the model's first conv/linear/batch-norm weight."""
-    for step in plan.steps:
+    for step in iter_steps(plan.steps):
         module = getattr(step, "layer", None)
         if module is None:
             module = getattr(step, "bn", None)

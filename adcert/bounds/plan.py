@@ -11,6 +11,12 @@ across optimiser steps and ``train()``/``eval()`` switches.
 Plans are cached per model (weakly, so a cached plan never keeps a model alive) and rebuilt when
 the flattened module list changes (a layer appended, replaced or removed).
 
+Any other ``nn.Module`` (or a Sequential with other modules, e.g. ``AvgPool2d`` or a residual
+block) is traced with ``torch.fx`` by :mod:`adcert.bounds.trace` into the same structure plus
+:class:`AvgPoolStep`, :class:`ReshapeStep` and :class:`ResidualStep` (branches applied to the same
+input and summed, then optional ReLU; branches are step tuples, fused the same way). Use
+:func:`iter_steps` to visit nested steps.
+
 The plan is method-agnostic: IBP (:mod:`adcert.bounds.ibp`) and the clean forward
 (:mod:`adcert.bounds.forward`) dispatch on the step types; CROWN-family methods are meant to walk
 the same steps backwards.
@@ -72,7 +78,62 @@ class FlattenStep:
     module: nn.Flatten
 
 
-Step = Union[NormalizeStep, AffineStep, BatchNormStep, ReluStep, FlattenStep]
+@dataclass(frozen=True, eq=False)
+class AvgPoolStep:
+    """``nn.AvgPool2d`` or ``nn.AdaptiveAvgPool2d``: linear with non-negative weights, so the box
+    maps to ``(pool(mu), pool(r))`` exactly."""
+    module: Union[nn.AvgPool2d, nn.AdaptiveAvgPool2d]
+
+
+@dataclass(frozen=True, eq=False)
+class ReshapeStep:
+    """A reshape that keeps the batch dimension (``view``/``reshape``/``torch.flatten`` in a traced
+    model). ``shape`` given: ``t.reshape(t.shape[0], *shape)`` (``shape`` is the per-sample target,
+    at most one ``-1``); ``shape`` None: ``torch.flatten(t, start_dim, end_dim)`` with
+    ``start_dim`` not the batch dimension."""
+    shape: Optional[Tuple[int, ...]] = None
+    start_dim: int = 1
+    end_dim: int = -1
+
+    def apply(self, t):
+        """The reshape of ``t: [B, *]`` (raises if it would merge or split the batch)."""
+        if self.shape is not None:
+            try:
+                return t.reshape((t.shape[0],) + tuple(self.shape))
+            except RuntimeError as exc:
+                raise ValueError(f"x: the model reshapes a [B, *] = {tuple(t.shape)} tensor to "
+                                 f"per-sample shape {tuple(self.shape)}, which does not keep the "
+                                 f"batch dimension ({exc})") from exc
+        if self.start_dim % t.dim() == 0:
+            raise NotImplementedError("model: a flatten that merges the batch dimension "
+                                      "(start_dim=0) is not supported")
+        return t.flatten(self.start_dim, self.end_dim)
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualStep:
+    """A residual join: every branch (a step sequence; ``()`` is the identity shortcut) is applied
+    to the SAME input, the results are summed, then optionally ReLU.
+
+    IBP: ``mu = sum mu_i``, ``r = sum r_i`` (DESIGN.md section 3). ``modules``: the ReLU module
+    fused after the add, if any (for error messages)."""
+    branches: Tuple[Tuple["Step", ...], ...]
+    relu: bool
+    modules: Tuple[nn.Module, ...] = ()
+
+
+Step = Union[NormalizeStep, AffineStep, BatchNormStep, ReluStep, FlattenStep, AvgPoolStep,
+             ReshapeStep, ResidualStep]
+
+
+def iter_steps(steps):
+    """Every step of ``steps``, depth first, including the steps inside residual branches (a
+    :class:`ResidualStep` is yielded before its branches' steps)."""
+    for step in steps:
+        yield step
+        if isinstance(step, ResidualStep):
+            for branch in step.branches:
+                yield from iter_steps(branch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +149,7 @@ class LayerPlan:
     def batch_norms(self) -> List[BatchNorm]:
         """Every batch-norm module in the plan, in order."""
         out: List[BatchNorm] = []
-        for step in self.steps:
+        for step in iter_steps(self.steps):
             bn = getattr(step, "bn", None)
             if bn is not None:
                 out.append(bn)
@@ -104,15 +165,29 @@ class LayerPlan:
         return None
 
     def first_layer(self) -> Optional[nn.Module]:
-        """The first conv/linear/batch-norm/flatten module (the one that fixes the input rank)."""
-        for step in self.steps:
-            if isinstance(step, AffineStep):
-                return step.layer
-            if isinstance(step, BatchNormStep):
-                return step.bn
-            if isinstance(step, FlattenStep):
-                return step.module
-        return None
+        """The first conv/linear/batch-norm/flatten module (the one that fixes the input rank;
+        searched inside the first residual step's branches too); ``None`` if a reshape or pool
+        comes first."""
+        return _first_layer(self.steps)
+
+
+def _first_layer(steps) -> Optional[nn.Module]:
+    for step in steps:
+        if isinstance(step, AffineStep):
+            return step.layer
+        if isinstance(step, BatchNormStep):
+            return step.bn
+        if isinstance(step, FlattenStep):
+            return step.module
+        if isinstance(step, (ReshapeStep, AvgPoolStep)):
+            return None
+        if isinstance(step, ResidualStep):
+            for branch in step.branches:
+                first = _first_layer(branch)
+                if first is not None:
+                    return first
+            return None
+    return None
 
 
 # Supported leaf modules. A subclass is accepted only if it does not override ``forward``: the
@@ -188,6 +263,13 @@ def build_plan(model: nn.Module) -> LayerPlan:
     for i, m in enumerate(modules):
         _check_module(m, i)
     kept = [m for m in modules if not _is(m, _SKIPPED)]
+    return LayerPlan(modules=modules, steps=tuple(fuse_modules(kept)))
+
+
+def fuse_modules(kept: List[nn.Module]) -> List[Step]:
+    """Checked leaf modules (Identity/dropout already dropped), in order -> steps:
+    conv/linear + matching BN + ReLU fuse into one :class:`AffineStep`, a BN (+ ReLU) not after a
+    conv/linear into a :class:`BatchNormStep`. Also used for the chains of traced models."""
     steps: List[Step] = []
     i = 0
     while i < len(kept):
@@ -221,7 +303,7 @@ def build_plan(model: nn.Module) -> LayerPlan:
             i += 1
         else:  # pragma: no cover - _check_module guards this
             raise _unsupported(m, i)
-    return LayerPlan(modules=modules, steps=tuple(steps))
+    return steps
 
 
 def _bn_matches(layer: nn.Module, bn: nn.Module) -> bool:
@@ -238,16 +320,45 @@ def _same_modules(a: Tuple[nn.Module, ...], b: Tuple[nn.Module, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
+def _is_plain_sequential(model: nn.Module, modules: Tuple[nn.Module, ...]) -> bool:
+    """Whether ``model`` takes the Sequential fast path: a plain ``nn.Sequential`` (or a lone
+    supported leaf) whose flattened modules are all supported leaf modules."""
+    plain = isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+    leaf = modules == (model,) and _base_class(model) is not None
+    return (plain or leaf) and all(_base_class(m) is not None for m in modules)
+
+
+def _check_hooks(modules) -> None:
+    for i, m in enumerate(modules):  # hooks may have been added since the plan was built
+        if m._forward_pre_hooks or m._forward_hooks:  # noqa: SLF001
+            _check_module(m, i)
+
+
 def get_plan(model: nn.Module) -> LayerPlan:
     """The cached :class:`LayerPlan` of ``model``, rebuilt if its module list changed.
 
+    A plain ``nn.Sequential`` of supported modules (or a lone supported module) is compiled by
+    :func:`build_plan`; any other ``nn.Module`` is traced with ``torch.fx``
+    (:func:`adcert.bounds.trace.trace_plan`). Traced plans are cached per model and rebuilt when
+    its set of submodules changes; like any fx trace they record ONE path through Python control
+    flow, taken at build time.
+
     Cost on a cache hit: one walk over the module list (no tensor work)."""
     modules = flatten_modules(model)
+    if not _is_plain_sequential(model, modules):
+        from adcert.bounds.trace import trace_plan, traced_key
+        key = traced_key(model)
+        plan = _CACHE.get(model)
+        if plan is not None and _same_modules(plan.modules, key):
+            if any(m._forward_pre_hooks or m._forward_hooks for m in (model,) + key):  # noqa
+                return trace_plan(model)  # raises, naming the hooked module
+            return plan
+        plan = trace_plan(model)
+        _CACHE[model] = plan
+        return plan
     plan = _CACHE.get(model) if isinstance(model, nn.Sequential) else None
     if plan is not None and _same_modules(plan.modules, modules):
-        for i, m in enumerate(modules):  # hooks may have been added since the plan was built
-            if m._forward_pre_hooks or m._forward_hooks:  # noqa: SLF001
-                _check_module(m, i)
+        _check_hooks(modules)
         return plan
     plan = build_plan(model)
     if isinstance(model, nn.Sequential):  # a leaf model would be its own plan's key: no cache
