@@ -15,6 +15,7 @@ from adcert.bounds.inputs import (
     Eps, check_x, check_x_for_plan, check_y, check_y_range, input_box,
 )
 from adcert.bounds.plan import LayerPlan, get_plan
+from adcert.bounds.sound import sound_ibp
 from adcert.bounds.spec import margin_lower_folded, margin_lower_from_logits
 
 Tensor = torch.Tensor
@@ -64,9 +65,9 @@ def _ibp_method(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
     reject_options("ibp", request.options)
     if request.C is not None:
         raise NotImplementedError("C: not supported by method 'ibp' yet")
-    if request.sound:
-        raise NotImplementedError("sound: not supported by method 'ibp' yet")
     y = request.y
+    if request.sound:  # rounding-sound plain-torch path (adcert.bounds.sound)
+        return sound_ibp(plan, mu, r, stats, y, request.relu_bounds, check_y_range)
     if y is None:
         mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds)
         return mu - r, mu + r
@@ -115,7 +116,10 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
     Args:
         model: an ``nn.Sequential`` (nested ones are flattened) of ``Conv2d``, ``Linear``,
             ``BatchNorm1d/2d``, ``ReLU``, ``Flatten``, :class:`~adcert.models.Normalize`,
-            ``Identity`` and dropout (the identity for bounds).
+            ``Identity`` and dropout (the identity for bounds) -- or any ``nn.Module`` that
+            ``torch.fx`` can trace into those plus ``AvgPool2d``/``AdaptiveAvgPool2d``,
+            ``F.relu``, batch-keeping ``view``/``reshape``/``flatten`` and residual adds
+            (ResNet blocks); see :mod:`adcert.bounds.trace`. Built once per model, cached.
         x: clean inputs ``[B, *in]`` in pixel space ``[0, 1]``, the model's dtype and device.
         eps: a float >= 0 or a per-sample tensor ``[B]``; the box is
             ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]``.
@@ -131,7 +135,9 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
             statistics. Running statistics are never updated.
 
         C: a specification ``[B, S, C_out]`` (exclusive with ``y``): bound ``C z`` instead.
-        sound: rigorous floating-point widening for certification (DESIGN.md section 4).
+        sound: rigorous floating-point widening for certification (DESIGN.md section 4);
+            for ``"ibp"`` see :mod:`adcert.bounds.sound` (fp32/fp64 only, TF32 off for the
+            call, result detached).
         relu_bounds: a list to which ``(lb, ub)`` of every ReLU input is appended, in order.
         **options: method-specific options (unknown ones raise ``TypeError``).
 

@@ -1,0 +1,368 @@
+"""Rounding-sound IBP (``compute_bounds(..., method="ibp", sound=True)``), the certifier's mode.
+
+Goal: the returned bounds contain the EXACT real-arithmetic image of the input box under the
+model (with the model's floating-point parameters taken as exact reals), whatever rounding the
+floating-point computation made. Correctness over speed: plain torch ops, no fused kernels.
+
+Scheme (u = unit roundoff of the dtype, ``finfo.eps / 2``; ``tiny`` = smallest normal number;
+``gamma_k = k u / (1 - k u)``, Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+Lemma 3.1 and eq. (3.5): a k-term dot product computed in any order satisfies
+``|fl(w.x) - w.x| <= gamma_k |w|.|x|``; underflow adds at most ``tiny`` per operation, which also
+covers flush-to-zero):
+
+* Boxes are carried as END POINTS ``(L, U)``: floats, meaning the real interval ``[L, U]``.
+  Rounded end points are pushed outward with ``down(t) = nextafter(t, -inf)`` and
+  ``up(t) = nextafter(t, +inf)``: for one correctly rounded operation ``fl(a op b)`` is the float
+  nearest to the exact result, so ``down(fl(.)) <= exact <= up(fl(.))``.
+* Input: ``(mu, r)`` from :func:`~adcert.bounds.inputs.input_box` carries the roundings of
+  ``x -/+ eps`` (eps itself rounded to the dtype) and of the centre/radius split, each at most
+  ``u (|mu| + r)``-ish; the box is widened by ``8 u (|mu| + r) + 2 tiny`` before use.
+* Conv/linear ``W`` (k terms per output) with bias ``b``, optionally with the batch norm after it
+  FOLDED in (``W' = W s``, ``b' = (b - mean) s + beta``, ``s = gamma / sqrt(var + eps)``; the
+  certifier runs in eval mode): from ``(L, U)`` a centre ``c = fl((L+U)/2)`` and a radius
+  ``rho = max(up(U - c), up(c - L))`` with ``[L, U] subset [c - rho, c + rho]`` exactly. Then
+  ``cen = fl(W' c + b')``, ``rad = fl(|W'| rho)``, ``mag = fl(|W'| (|c| + rho))`` (the one extra
+  product per layer), and the error bound
+  ``e = 2 (gamma_(k+2) + eps_w) mag + 2 gamma_(k+2) |b'| + 2 E_b + (k + 2) tiny``
+  where ``eps_w`` bounds the relative error of the computed folded weights against the exact ones
+  (``gamma_8`` when a batch norm is folded: ``s`` takes <= 3 roundings, the product one more, with
+  slack for a non-correctly-rounded sqrt/division; 0 otherwise) and ``E_b`` bounds the error of
+  the computed folded bias (``gamma_10 ((|b| + |mean|) |s| + |beta|)``). The factor 2 absorbs the
+  rounding of computing ``e`` and ``mag`` themselves (all terms non-negative, each off by at most
+  a factor ``(1 - gamma)``). Then ``t = up(rad + e)``, ``L' = down(cen - t)``,
+  ``U' = up(cen + t)``.
+* A batch norm not after a conv/linear: the same rule with ``k = 1`` and a diagonal weight ``s``.
+* Normalize ``(x - m) / sd`` (``sd > 0``, monotone): ``L' = down(down(L - m) / sd)``,
+  ``U' = up(up(U - m) / sd)``.
+* ReLU: ``max(L, 0), max(U, 0)`` (exact). Flatten/reshape: exact.
+* Average pooling (n-element windows, non-negative weights, monotone):
+  ``L' = down(pool(L) - 2 gamma_(n+3) pool(|L|) - (n+3) tiny)``, likewise ``U'`` upward; ``n`` is
+  the kernel area (the input's whole plane for adaptive pooling).
+* Residual add: ``down(L1 + L2)``, ``up(U1 + U2)`` after every pairwise addition.
+* Margins ``z_y - z_i`` with the specification folded into the last linear layer: the weight
+  ``W_y - W_i`` (and bias) is one more rounding, so it enters the affine rule with an absolute
+  weight-error tensor ``gamma_2 |W_spec| + eps_w (|W_y| + |W_i|)``; without a final linear,
+  ``down(L_y - U_i)``. The ``y`` entry is exactly 0.
+
+For the duration TF32 is off (``torch.backends.cuda.matmul.allow_tf32``,
+``torch.backends.cudnn.allow_tf32``), the fp32 matmul precision is ``"highest"``, and cuDNN and
+oneDNN convolutions are disabled (their Winograd/FFT algorithms do not satisfy the dot-product
+error bound; the native im2col + GEMM path does); everything is restored afterwards. Only fp32
+and fp64 are accepted. The result is detached (no gradients): it is a certificate, not a loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adcert.bounds.ibp import conv_padding
+from adcert.bounds.plan import (
+    AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
+    ReshapeStep, ResidualStep,
+)
+
+Tensor = torch.Tensor
+Box = Tuple[Tensor, Tensor]
+
+SOUND_DTYPES = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- float helpers
+
+
+@contextlib.contextmanager
+def strict_float_mode():
+    """TF32 off, fp32 matmul precision "highest", cuDNN and oneDNN disabled; all restored."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            with torch.backends.cudnn.flags(enabled=False, allow_tf32=False), \
+                    torch.backends.mkldnn.flags(enabled=False):
+                yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(k: int, dtype: torch.dtype) -> float:
+    """``gamma_k = k u / (1 - k u)`` for the dtype's unit roundoff ``u``."""
+    ku = k * unit_roundoff(dtype)
+    if ku >= 0.5:
+        raise ValueError(f"sound: a dot product of {k} terms is too long for {dtype} (k u >= 1/2)")
+    return ku / (1 - ku)
+
+
+def down(t: Tensor) -> Tensor:
+    """The next float below ``t`` (a lower bound of the exact result of one rounded op)."""
+    return torch.nextafter(t, t.new_full((), -float("inf")))
+
+
+def up(t: Tensor) -> Tensor:
+    """The next float above ``t``."""
+    return torch.nextafter(t, t.new_full((), float("inf")))
+
+
+def centre_radius(L: Tensor, U: Tensor) -> Box:
+    """Floats ``(c, rho)`` with ``[L, U]`` contained in the real interval ``[c - rho, c + rho]``."""
+    c = (L + U) / 2
+    return c, torch.maximum(up(U - c), up(c - L))
+
+
+def check_sound_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SOUND_DTYPES:
+        raise TypeError(f"sound: rounding-sound bounds need float32 or float64, got {dtype} "
+                        "(convert the model and x with .float() or .double())")
+
+
+# ----------------------------------------------------------------------------- affine maps
+
+
+def _widen_affine(cen: Tensor, rad: Tensor, mag: Tensor, bias_abs: Optional[Tensor],
+                  bias_err: Optional[Tensor], k: int, rel_w: float, dtype) -> Box:
+    """End points from a computed centre/radius of a k-term affine map (see module docstring)."""
+    g = gamma(k + 2, dtype)
+    tiny = torch.finfo(dtype).tiny
+    e = 2 * (g + rel_w) * mag + (k + 2) * tiny
+    if bias_abs is not None:
+        e = e + 2 * g * bias_abs
+    if bias_err is not None:
+        e = e + 2 * bias_err
+    t = up(rad + e)
+    return down(cen - t), up(cen + t)
+
+
+def _chan(t: Tensor, ref: Tensor) -> Tensor:
+    return t.reshape((1, -1) + (1,) * (ref.dim() - 2))
+
+
+def bn_fold_terms(bn: nn.Module, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``s = gamma / sqrt(var + eps)``, ``beta``, and the magnitude ``|beta|`` (all ``[C]``),
+    computed with IEEE sqrt and division (not rsqrt)."""
+    s = torch.sqrt(var + bn.eps)
+    s = (bn.weight / s) if bn.weight is not None else 1.0 / s
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(s)
+    return s, beta, beta.abs()
+
+
+def folded_layer(step: AffineStep, stats) -> Tuple[Tensor, Optional[Tensor], float,
+                                                    Optional[Tensor]]:
+    """The step's weight/bias with its batch norm folded in:
+    ``(W', b', eps_w, E_b)``; ``E_b`` ``[C_out]`` bounds ``|b'_computed - b'_exact|``."""
+    layer = step.layer
+    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    if step.bn is None:
+        return w, b, 0.0, None
+    mean, var = (t.detach() for t in stats[step.bn])
+    s, beta, beta_abs = bn_fold_terms(step.bn, mean, var)
+    s, beta, beta_abs = s.detach(), beta.detach(), beta_abs.detach()
+    view = (-1,) + (1,) * (w.dim() - 1)
+    w_f = w * s.reshape(view)
+    b0 = b if b is not None else torch.zeros_like(s)
+    b_f = (b0 - mean) * s + beta
+    dtype = w.dtype
+    err = gamma(10, dtype) * ((b0.abs() + mean.abs()) * s.abs() + beta_abs)
+    return w_f, b_f, gamma(8, dtype), err
+
+
+def _sound_affine(step: AffineStep, L: Tensor, U: Tensor, stats) -> Box:
+    layer = step.layer
+    w, b, rel_w, b_err = folded_layer(step, stats)
+    c, rho = centre_radius(L, U)
+    if isinstance(layer, nn.Linear):
+        if c.dim() != 2:
+            raise ValueError(f"x: {layer} expects a [B, {layer.in_features}] input box, got shape "
+                             f"{tuple(c.shape)} (add an nn.Flatten before it)")
+        k = w.shape[1]
+
+        def lin(t, weight, bias=None):
+            return F.linear(t, weight, bias)
+        view = lambda t, ref: t  # noqa: E731
+    else:
+        k = w.shape[1] * w.shape[2] * w.shape[3]
+        kw = dict(stride=tuple(layer.stride), padding=conv_padding(layer),
+                  dilation=tuple(layer.dilation), groups=layer.groups)
+
+        def lin(t, weight, bias=None):
+            return F.conv2d(t, weight, bias, **kw)
+        view = _chan
+    aw = w.abs()
+    cen = lin(c, w, b)
+    rad = lin(rho, aw)
+    mag = lin(c.abs() + rho, aw)
+    bias_abs = view(b.abs(), cen) if b is not None else None
+    bias_err = view(b_err, cen) if b_err is not None else None
+    L2, U2 = _widen_affine(cen, rad, mag, bias_abs, bias_err, k, rel_w, c.dtype)
+    return L2, U2
+
+
+def _sound_batch_norm(step: BatchNormStep, L: Tensor, U: Tensor, stats) -> Box:
+    mean, var = (t.detach() for t in stats[step.bn])
+    s, beta, beta_abs = bn_fold_terms(step.bn, mean, var)
+    s, beta = s.detach(), beta.detach()
+    shift = beta - mean * s
+    c, rho = centre_radius(L, U)
+    sv = _chan(s, c)
+    cen = sv * c + _chan(shift, c)
+    rad = sv.abs() * rho
+    mag = sv.abs() * (c.abs() + rho)
+    err = gamma(10, c.dtype) * (mean.abs() * s.abs() + beta_abs.detach())
+    return _widen_affine(cen, rad, mag, _chan(shift.abs(), c), _chan(err, c), 1,
+                         gamma(8, c.dtype), c.dtype)
+
+
+def _sound_normalize(step: NormalizeStep, L: Tensor, U: Tensor, stats) -> Box:
+    m = step.module
+    sd = m.channel_view(m.std, L)
+    if bool((sd <= 0).any()):
+        raise ValueError("model: sound bounds need Normalize std > 0 everywhere")
+    mean = m.channel_view(m.mean, L)
+    return down(down(L - mean) / sd), up(up(U - mean) / sd)
+
+
+def _sound_pool(step: AvgPoolStep, L: Tensor, U: Tensor, stats) -> Box:
+    mod = step.module
+    if isinstance(mod, nn.AvgPool2d):
+        ks = mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,) * 2
+        n = int(ks[0] * ks[1])
+    else:
+        n = int(L.shape[-1] * L.shape[-2])
+    g = gamma(n + 3, L.dtype)
+    tiny = torch.finfo(L.dtype).tiny
+    lo = mod(L) - up(2 * g * mod(L.abs()) + (n + 3) * tiny)
+    hi = mod(U) + up(2 * g * mod(U.abs()) + (n + 3) * tiny)
+    return down(down(lo)), up(up(hi))
+
+
+def _sound_residual(step: ResidualStep, L: Tensor, U: Tensor, stats,
+                    relu_bounds: Optional[List[Box]]) -> Box:
+    lo = hi = None
+    for branch in step.branches:
+        bl, bu = sound_steps(branch, L, U, stats, relu_bounds)
+        lo = bl if lo is None else down(lo + bl)
+        hi = bu if hi is None else up(hi + bu)
+    if step.relu:
+        if relu_bounds is not None:
+            relu_bounds.append((lo, hi))
+        lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+    return lo, hi
+
+
+def sound_steps(steps, L: Tensor, U: Tensor, stats,
+                relu_bounds: Optional[List[Box]] = None) -> Box:
+    """Propagate the real box ``[L, U]`` through ``steps`` soundly (see the module docstring)."""
+    for step in steps:
+        relu = False
+        if isinstance(step, AffineStep):
+            L, U = _sound_affine(step, L, U, stats)
+            relu = step.relu
+        elif isinstance(step, BatchNormStep):
+            L, U = _sound_batch_norm(step, L, U, stats)
+            relu = step.relu
+        elif isinstance(step, NormalizeStep):
+            L, U = _sound_normalize(step, L, U, stats)
+        elif isinstance(step, ReluStep):
+            relu = True
+        elif isinstance(step, FlattenStep):
+            L, U = step.module(L), step.module(U)
+        elif isinstance(step, ReshapeStep):
+            L, U = step.apply(L), step.apply(U)
+        elif isinstance(step, AvgPoolStep):
+            L, U = _sound_pool(step, L, U, stats)
+        elif isinstance(step, ResidualStep):
+            L, U = _sound_residual(step, L, U, stats, relu_bounds)
+        else:
+            raise NotImplementedError(f"sound: no sound IBP rule for {type(step).__name__}")
+        if relu:
+            if relu_bounds is not None:
+                relu_bounds.append((L, U))
+            L, U = L.clamp(min=0), U.clamp(min=0)
+    return L, U
+
+
+def sound_input(mu: Tensor, r: Tensor) -> Box:
+    """End points containing the exact input box that ``(mu, r)`` was rounded from."""
+    u = unit_roundoff(mu.dtype)
+    tiny = torch.finfo(mu.dtype).tiny
+    slack = up(8 * u * (mu.abs() + r) + 2 * tiny)
+    return down(down(mu - r) - slack), up(up(mu + r) + slack)
+
+
+# ----------------------------------------------------------------------------- margins
+
+
+def sound_margins_folded(step: AffineStep, L: Tensor, U: Tensor, stats, y: Tensor) -> Tensor:
+    """Sound lower bounds ``[B, C]`` of ``z_y - z_i`` with the specification folded into the final
+    linear ``step`` (+ batch norm) over the box ``[L, U]: [B, K]``; the ``y`` entry is 0."""
+    w, b, rel_w, b_err = folded_layer(step, stats)
+    if b is None:
+        b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if b_err is None:
+        b_err = torch.zeros_like(b)
+    dtype = L.dtype
+    ws = w[y].unsqueeze(1) - w.unsqueeze(0)  # [B, C, K]
+    bs = b[y].unsqueeze(1) - b.unsqueeze(0)  # [B, C]
+    w_err = gamma(2, dtype) * ws.abs()
+    if rel_w:
+        w_err = w_err + rel_w * (w[y].abs().unsqueeze(1) + w.abs().unsqueeze(0))
+    b_errs = gamma(2, dtype) * bs.abs() + b_err[y].unsqueeze(1) + b_err.unsqueeze(0)
+    c, rho = centre_radius(L, U)
+    a = c.abs() + rho
+    cen = torch.einsum("bck,bk->bc", ws, c) + bs
+    rad = torch.einsum("bck,bk->bc", ws.abs(), rho)
+    mag = torch.einsum("bck,bk->bc", ws.abs(), a)
+    emag = torch.einsum("bck,bk->bc", w_err, a)
+    lo, _ = _widen_affine(cen, rad, mag, bs.abs(), b_errs + emag, int(w.shape[1]), 0.0, dtype)
+    return _zero_y(lo, y)
+
+
+def _zero_y(m: Tensor, y: Tensor) -> Tensor:
+    is_y = torch.arange(m.shape[1], device=m.device).unsqueeze(0) == y.unsqueeze(1)
+    return torch.where(is_y, torch.zeros((), dtype=m.dtype, device=m.device), m)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def sound_ibp(plan: LayerPlan, mu: Tensor, r: Tensor, stats, y: Optional[Tensor] = None,
+              relu_bounds: Optional[List[Box]] = None,
+              check_y_range: Optional[Callable[[Tensor, int], None]] = None):
+    """Rounding-sound IBP over ``plan`` for the input box ``(mu, r): [B, *in]``.
+
+    Returns ``(lb, ub)`` of the outputs, or with ``y: [B]`` the margin lower bounds ``[B, C]``
+    (``y`` entry 0). ``relu_bounds``: ReLU-input end points are appended (detached). Raises
+    ``TypeError`` for dtypes other than fp32/fp64."""
+    check_sound_dtype(mu.dtype)
+    with torch.no_grad(), strict_float_mode():
+        L, U = sound_input(mu.detach(), r.detach())
+        final = plan.final_linear() if y is not None else None
+        if final is not None:
+            if check_y_range is not None:
+                check_y_range(y, final.layer.weight.shape[0])
+            L, U = sound_steps(plan.steps[:-1], L, U, stats, relu_bounds)
+            if L.dim() != 2:
+                raise ValueError(f"x: the last Linear expects a [B, {final.layer.in_features}] "
+                                 f"input box, got shape {tuple(L.shape)}")
+            return sound_margins_folded(final, L, U, stats, y)
+        L, U = sound_steps(plan.steps, L, U, stats, relu_bounds)
+        if y is None:
+            return L, U
+        if L.dim() != 2:
+            raise ValueError(f"y: margins need logits of shape [B, C], but the model outputs "
+                             f"shape {tuple(L.shape)}")
+        if check_y_range is not None:
+            check_y_range(y, L.shape[1])
+        return _zero_y(down(L.gather(1, y[:, None]) - U), y)
