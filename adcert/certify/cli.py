@@ -1,0 +1,129 @@
+"""``adcert certify``: certify a checkpoint on a test set, one shard per job; merge the shards.
+
+    adcert certify --checkpoint CKPT --eps EPS --dataset NAME [--data-dir D] [--n N]
+                   [--stages autoattack,ibp,crown,alpha-crown] [--timeout S] [--shard i/n]
+                   [--out DIR] [--batch-size B] [--dtype float32|float64] [--device DEV]
+                   [--skip-unavailable] [--trust-pickle]
+    adcert certify report DIR [DIR ...] [--json PATH]
+
+Each shard appends to ``DIR/journal-<i>-of-<n>.jsonl``; rerunning the same command resumes (done
+samples are skipped). Under ``torchrun`` without ``--shard``, each rank certifies shard
+``RANK/WORLD_SIZE`` (no process group is needed). ``report`` prints the merged table and writes
+the JSON summary (default ``DIR/report.json`` of the first DIR). Exit status 2 on bad input,
+3 when a requested stage is unavailable (see ``--skip-unavailable``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``certify`` (with its ``report`` sub-command) on an ``argparse`` sub-parser
+    collection; ``args.fn(args)`` runs it."""
+    p = subparsers.add_parser("certify", help="certify a checkpoint (staged, resumable, sharded)",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(fn=run)
+    sub = p.add_subparsers(dest="certify_command")
+    r = sub.add_parser("report", help="merge shard journals into one table and JSON")
+    r.add_argument("dirs", nargs="+", help="journal directories (or journal files)")
+    r.add_argument("--json", default=None, help="where to write the JSON summary")
+    r.set_defaults(fn=run_report)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="adcert checkpoint, TorchScript file or saved module")
+    p.add_argument("--eps", type=float, help="L-inf radius in pixel space, e.g. 0.00784")
+    p.add_argument("--dataset", help="dataset name (adcert.data), its test split is certified")
+    p.add_argument("--data-dir", default=None, help="data directory (default $ADCERT_DATA)")
+    p.add_argument("--n", type=int, default=None, help="certify the first N test samples")
+    p.add_argument("--stages", default="autoattack,ibp,crown,alpha-crown",
+                   help="comma-separated stages after 'clean' (autoattack, ibp, crown, "
+                        "alpha-crown, bab)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per sample for the branch-and-bound stage")
+    p.add_argument("--shard", default=None, help="i/n: certify shard i of n (default 0/1, or "
+                   "RANK/WORLD_SIZE under torchrun)")
+    p.add_argument("--out", default="certify-out", help="journal directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="leave out stages that cannot run (recorded) instead of failing")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled nn.Module (runs code from the file)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from adcert.certify.model_io import ModelFileError, load_model
+    from adcert.certify.pipeline import (
+        JournalMismatch, StageUnavailable, certify, parse_shard, shard_from_env,
+    )
+    from adcert.certify.report import format_table, report
+
+    missing = [f"--{k}" for k in ("checkpoint", "eps", "dataset") if getattr(args, k) is None]
+    if missing:
+        print(f"adcert certify: {', '.join(missing)} required (or use 'adcert certify report')",
+              file=sys.stderr)
+        return 2
+    try:
+        shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))
+        model = load_model(args.checkpoint, args.device, trust_pickle=args.trust_pickle)
+        model = model.to(getattr(torch, args.dtype))
+        from adcert.data import load_dataset, subset
+
+        x, y = load_dataset(args.dataset, "test", args.data_dir)
+        x, y = subset(x, y, args.n)
+        stages = [s for s in args.stages.split(",") if s.strip()]
+        res = certify(model, x, y, args.eps, stages=stages, out_dir=args.out, shard=shard,
+                      batch_size=args.batch_size, timeout=args.timeout,
+                      skip_unavailable=args.skip_unavailable,
+                      meta={"checkpoint": str(args.checkpoint), "dataset": args.dataset},
+                      log=lambda s: print(s, file=sys.stderr))
+    except StageUnavailable as err:
+        print(f"adcert certify: {err}", file=sys.stderr)
+        return 3
+    except (ModelFileError, JournalMismatch, ValueError, FileNotFoundError) as err:
+        print(f"adcert certify: {err}", file=sys.stderr)
+        return 2
+    print(f"shard {shard[0]}/{shard[1]}: {len(res.computed)} samples processed now, "
+          f"{len(res.records)} in the journal {res.journal}")
+    print(format_table(report([args.out])))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from adcert.certify.journal import JournalError
+    from adcert.certify.report import format_table, report
+
+    try:
+        summary = report(args.dirs)
+    except (JournalError, FileNotFoundError) as err:
+        print(f"adcert certify report: {err}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    out = pathlib.Path(args.json) if args.json else (
+        pathlib.Path(args.dirs[0]) / "report.json" if pathlib.Path(args.dirs[0]).is_dir()
+        else pathlib.Path(args.dirs[0]).with_suffix(".report.json"))
+    out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    print(f"JSON: {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m adcert.certify.cli ...`` (same arguments as ``adcert certify``)."""
+    parser = argparse.ArgumentParser(prog="adcert")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["certify"] + list(sys.argv[1:] if argv is None else argv))
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""``certify``: the staged, journaled, resumable, sharded certification loop.
+
+Per sample, in order, each stage only on what the previous ones left undecided: ``clean``
+(misclassified), then the requested stages (default ``autoattack``, ``ibp``, ``crown``,
+``alpha-crown``; ``bab`` is the complete input-split verifier for tiny models). Verdicts:
+``misclassified``, ``attacked``, ``certified`` (with the deciding stage) or ``unknown``.
+
+Each sample's record is appended to the shard's journal (``journal-<i>-of-<n>.jsonl`` in
+``out_dir``) as soon as its verdict is final; a rerun with the same ``out_dir`` skips every
+journaled sample (granularity: a sample's final verdict; undecided samples of a batch interrupted
+mid-way are recomputed). Verified counterexamples are saved as ``adversarial/<index>.pt``
+(atomically, before the journal line that points to them).
+
+Sharding: shard ``i`` of ``n`` takes the samples whose global index ``k`` has ``k % n == i``, so
+independent jobs (or ``torchrun`` ranks) cover the set exactly once; merge them with
+:func:`adcert.certify.report.report`.
+
+A stage that cannot run (e.g. a bounding method or ``sound=True`` not implemented yet) is found
+by a probe before any sample is processed: by default that is an error naming the stage and the
+reason; with ``skip_unavailable=True`` the stage is left out, the journal's run record lists it
+with the reason, and every sample record names the stages it skipped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from adcert.certify.journal import Journal, journal_name, read_journal
+from adcert.certify.stages import DEFAULT_STAGES, STAGE_NAMES, RadiusStage, make_stage
+
+Tensor = torch.Tensor
+PathLike = Union[str, os.PathLike]
+
+
+class StageUnavailable(RuntimeError):
+    """A requested stage cannot run (the message names it and why)."""
+
+
+class JournalMismatch(ValueError):
+    """The journal in ``out_dir`` was written by a run with different settings."""
+
+
+@dataclass
+class CertifyResult:
+    """``records``: the sample records of this shard (journaled earlier and now), by index;
+    ``computed``: indices processed by this call; ``unavailable``: ``{stage: reason}``."""
+    records: Dict[int, Dict[str, Any]]
+    computed: List[int]
+    unavailable: Dict[str, str]
+    journal: Optional[pathlib.Path]
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; raises ``ValueError`` naming ``shard``."""
+    try:
+        i, n = (int(p) for p in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"shard: expected 'i/n' (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard: expected 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def shard_from_env() -> Optional[Tuple[int, int]]:
+    """``(RANK, WORLD_SIZE)`` when launched by ``torchrun`` (a shard per rank), else ``None``."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return parse_shard(f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}")
+    return None
+
+
+def _check_inputs(model, x, y, eps, stages) -> Tuple[Tensor, Tensor, List[str]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"x: expected a tensor [N, *in], got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or \
+            y.dtype.is_floating_point:
+        raise ValueError(f"y: expected integer labels [{x.shape[0]}], got "
+                         f"{getattr(y, 'shape', type(y).__name__)} {getattr(y, 'dtype', '')}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x: expected float pixels in [0, 1] or uint8, got {x.dtype}")
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise ValueError("x: expected pixels in [0, 1]")
+    names = [s.strip().lower() for s in stages if s.strip()]
+    bad = [s for s in names if s not in STAGE_NAMES or s == "clean"]
+    if bad:
+        raise ValueError(f"stages: unknown stage(s) {bad}; choose from "
+                         f"{', '.join(STAGE_NAMES[1:])} ('clean' always runs first)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"stages: each stage at most once, got {names}")
+    return x, y.long(), names
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    with torch.no_grad():
+        out = model(x[:1])
+    if out.dim() != 2:
+        raise ValueError(f"model: expected logits [B, C], got shape {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+def _save_adv(out_dir: pathlib.Path, index: int, adv: Tensor) -> str:
+    from adcert.train.checkpoint import atomic_save
+
+    rel = f"adversarial/{index}.pt"
+    atomic_save(adv.clone(), out_dir / rel)
+    return rel
+
+
+def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
+            stages: Sequence[str] = DEFAULT_STAGES, out_dir: Optional[PathLike] = None,
+            shard: Tuple[int, int] = (0, 1), indices: Optional[Sequence[int]] = None,
+            batch_size: int = 64, timeout: Optional[float] = None, sound: bool = True,
+            skip_unavailable: bool = False, stage_options: Optional[Dict[str, Dict]] = None,
+            radius: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None,
+            log=None) -> CertifyResult:
+    """Certify the samples of shard ``shard`` of ``(x, y)`` at L-inf radius ``eps``.
+
+    Args:
+        model: a classifier ``[B, *in] -> [B, C]``; put in eval mode. Its dtype is used
+            (fp32/fp64 for sound bounds).
+        x: ``[N, *in]`` pixels in [0, 1] (float) or uint8; ``y``: ``[N]`` labels.
+        eps: the radius (pixel space).
+        stages: the stages after ``clean``, in order (names in :data:`STAGE_NAMES`).
+        out_dir: the journal directory (``None``: no journal, nothing resumable).
+        shard: ``(i, n)``: this call handles global indices ``k`` with ``k % n == i``.
+        indices: the global index of each row of ``x`` (default ``0..N-1``).
+        batch_size: samples per batch through the stages.
+        timeout: seconds per sample for the ``bab`` stage.
+        sound: certify with rigorous floating-point bounds (the default; ``False`` is for tests
+            and debugging, and is recorded in the journal as NOT a certificate).
+        skip_unavailable: leave out stages that cannot run (recorded) instead of raising
+            :class:`StageUnavailable`.
+        stage_options: ``{stage: {option: value}}`` (e.g. ``{"autoattack": {"square_queries":
+            500}}``, ``{"alpha-crown": {"iterations": 20}}``).
+        radius: ``{"eps_max": E, "method": "ibp", ...}`` to also record every sample's certified
+            radius (:class:`~adcert.certify.stages.RadiusStage`; the report then gives ACR).
+        meta: extra JSON-able fields for the journal's meta record (e.g. the checkpoint path).
+        log: ``callable(str)`` for progress lines (default: silent).
+
+    Returns a :class:`CertifyResult`. Raises :class:`JournalMismatch` when ``out_dir`` holds a
+    journal of this shard written with a different eps, stages, sample count or soundness.
+    """
+    x, y, names = _check_inputs(model, x, y, eps, stages)
+    i_shard, n_shards = parse_shard(f"{shard[0]}/{shard[1]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    n_total = x.shape[0]
+    index = list(range(n_total)) if indices is None else [int(k) for k in indices]
+    if len(index) != n_total or len(set(index)) != n_total:
+        raise ValueError(f"indices: expected {n_total} distinct integers")
+    model.eval()
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
+        y = y.to(param.device)
+    eps = float(eps)
+    if torch.cuda.is_available():  # sound bounds forbid TF32 (DESIGN.md section 4)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    num_classes = _num_classes(model, x)
+
+    header = {"type": "meta", "version": 1, "eps": eps, "stages": ["clean"] + names,
+              "shard": [i_shard, n_shards], "n_total": n_total, "sound": bool(sound),
+              "radius": dict(radius) if radius else None, **(meta or {})}
+    mine = [p for p, k in enumerate(index) if k % n_shards == i_shard]
+    path, done = None, {}
+    out = pathlib.Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        path = out / journal_name(i_shard, n_shards)
+        contents = read_journal(path)
+        if contents.meta is not None:
+            keys = ("eps", "stages", "shard", "n_total", "sound", "radius")
+            diff = [k for k in keys if contents.meta.get(k) != header[k]]
+            if diff:
+                raise JournalMismatch(
+                    f"{path}: written by a run with different {', '.join(diff)} ("
+                    + "; ".join(f"{k}: journal {contents.meta.get(k)!r}, now {header[k]!r}"
+                                for k in diff) + "); use another --out directory")
+        done = dict(contents.samples)
+    todo = [p for p in mine if index[p] not in done]
+
+    stage_objs = [make_stage("clean", num_classes)] + [
+        make_stage(n, num_classes, sound=sound, timeout=timeout, options=stage_options)
+        for n in names]
+    radius_stage = RadiusStage(sound=sound, **radius) if radius else None
+    unavailable: Dict[str, str] = {}
+    if todo:
+        probe_x, probe_y = x[todo[:1]], y[todo[:1]]
+        for st in stage_objs + ([radius_stage] if radius_stage else []):
+            reason = st.unavailable(model, probe_x, probe_y, eps)
+            if reason is not None:
+                unavailable[st.name] = reason
+    if unavailable and not skip_unavailable:
+        raise StageUnavailable(
+            "stage(s) unavailable: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+            + ". Remove them from the stages, or skip them explicitly (skip_unavailable / "
+              "--skip-unavailable; they are then recorded as skipped)")
+    if unavailable:
+        warnings.warn("certify: skipping unavailable stage(s) " + ", ".join(unavailable)
+                      + " (recorded in the journal)", RuntimeWarning, stacklevel=2)
+    if not sound:
+        warnings.warn("certify: sound=False -- 'certified' verdicts are NOT rounding-sound "
+                      "certificates (recorded in the journal)", RuntimeWarning, stacklevel=2)
+    active = [st for st in stage_objs if st.name not in unavailable]
+    skipped = [st.name for st in stage_objs if st.name in unavailable]
+
+    journal = None
+    if path is not None:
+        journal = Journal(path)
+        if read_journal(path).meta is None:
+            journal.append(header)
+        journal.append({"type": "run", "started": time.time(), "unavailable": unavailable,
+                        "sound": bool(sound), "todo": len(todo)})
+    computed: List[int] = []
+    try:
+        for b in range(0, len(todo), batch_size):
+            pos = todo[b:b + batch_size]
+            xb, yb = x[pos], y[pos]
+            state = [{"values": {}, "stage_times": {}} for _ in pos]
+            open_ = list(range(len(pos)))
+            if radius_stage is not None and "radius" not in unavailable:
+                t0 = time.perf_counter()
+                for s, r in zip(state, radius_stage.radii(model, xb, yb)):
+                    s["radius"] = r
+                    s["stage_times"]["radius"] = (time.perf_counter() - t0) / len(pos)
+            for st in active:
+                if not open_:
+                    break
+                t0 = time.perf_counter()
+                res = st.run(model, xb[open_], yb[open_], eps)
+                share = (time.perf_counter() - t0) / len(open_)
+                still = []
+                for j, local in enumerate(open_):
+                    s = state[local]
+                    s["stage_times"][st.name] = share
+                    s["values"][st.name] = res.values[j]
+                    if res.verdicts[j] is None:
+                        still.append(local)
+                        continue
+                    s["verdict"], s["stage"] = res.verdicts[j], st.name
+                    if res.adv and res.adv[j] is not None and out is not None:
+                        s["adv"] = _save_adv(out, index[pos[local]], res.adv[j])
+                    _finish(journal, index[pos[local]], int(yb[local]), s, skipped, computed,
+                            done)
+                open_ = still
+            for local in open_:
+                s = state[local]
+                s["verdict"], s["stage"] = "unknown", None
+                _finish(journal, index[pos[local]], int(yb[local]), s, skipped, computed, done)
+            if log is not None:
+                log(f"certify shard {i_shard}/{n_shards}: {min(b + batch_size, len(todo))}"
+                    f"/{len(todo)} samples")
+    finally:
+        if journal is not None:
+            journal.close()
+    return CertifyResult({k: done[k] for k in sorted(done)}, computed, unavailable, path)
+
+
+def _finish(journal, index: int, label: int, s: Dict[str, Any], skipped: List[str],
+            computed: List[int], done: Dict[int, Dict[str, Any]]) -> None:
+    stage = s.get("stage")
+    rec = {"type": "sample", "index": index, "label": label, "verdict": s["verdict"],
+           "stage": stage, "margin": s["values"].get(stage) if stage else None,
+           "values": s["values"], "stage_times": s["stage_times"],
+           "time": sum(s["stage_times"].values()), "skipped": skipped}
+    for key in ("adv", "radius"):
+        if key in s:
+            rec[key] = s[key]
+    if journal is not None:
+        journal.append(rec)
+    done[index] = rec
+    computed.append(index)
+
+
+__all__ = ["certify", "CertifyResult", "StageUnavailable", "JournalMismatch", "parse_shard",
+           "shard_from_env"]
