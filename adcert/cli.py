@@ -3,6 +3,8 @@
     adcert quickstart [--dataset digits|mnist]       PGD teacher, then an AD-CERT student (README)
     adcert demo [--epochs N] [--eps E] [--seed S]   IBP certified training on the bundled digits
     adcert train --config FILE [--set k=v ...]      train from a YAML config (configs/)
+    adcert certify --checkpoint CKPT --eps E --dataset D   staged sound certification (journaled)
+    adcert certify report DIR...                    merge certification shards into one table
     adcert plot --radii LABEL=FILE.pt --eps-max E  certified accuracy over eps (PNG)
     adcert bench [runner args]                      the op benchmarks (needs a source checkout)
     adcert info                                     versions, extension and kernel status
@@ -77,8 +79,10 @@ def main(argv=None) -> int:
 
     train_cli.add_parser(sub)
     from adcert import plots
+    from adcert.certify import cli as certify_cli
 
     plots.add_parser(sub)
+    certify_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)
 
