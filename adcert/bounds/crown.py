@@ -160,10 +160,11 @@ def apply_split(box: Box, split: Optional[Tensor]) -> Box:
 
 def ibp_is_exact(low: Lowered, end: int) -> bool:
     """Whether IBP bounds the output of ``low.ops[end - 1]`` exactly: no ReLU before it and at
-    most one conv/linear (diagonal maps and reshapes keep a box a box)."""
+    most one conv/linear/pool/residual join (diagonal maps and reshapes keep a box a box).
+    Conservative on a DAG: it counts every op listed before ``end``."""
     ops = low.ops[:end]
     return not any(isinstance(o, ReluOp) for o in ops) and \
-        sum(1 for o in ops if isinstance(o, AffineOp) and o.dense) <= 1
+        sum(1 for o in ops if not isinstance(o, ReluOp) and o.dense) <= 1
 
 
 def _numel(shape) -> int:
@@ -203,17 +204,19 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
     B = mu.shape[0]
     for k, at in enumerate(low.relu_at):
         box = apply_split(ibp_boxes[k], None if splits is None else splits.get(k))
-        if not ibp_is_exact(low, at):
+        end = low.relu_input_end(k)  # the ReLU's input is the output of ops[end - 1]
+        if not ibp_is_exact(low, end):
             lo, up = box
             shape = low.ops[at].shape
             idx, n_max = unstable_order(lo, up)
-            widest = max(_numel(o.in_shape) if isinstance(o, AffineOp) else _numel(o.shape)
-                         for o in low.ops[:at])
+            widest = max([_numel(low.in_shape)] + [
+                _numel(o.in_shape) if isinstance(o, AffineOp) else _numel(o.shape)
+                for o in low.ops[:at]])
             chunk = max(1, max_elems // max(1, 2 * B * widest))
             lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
             for s in range(0, n_max, chunk):
                 part = idx[:, s:s + chunk]
-                c_lo, c_up = neuron_bounds(low, at, part, shape, mu, r, boxes, backward)
+                c_lo, c_up = neuron_bounds(low, end, part, shape, mu, r, boxes, backward)
                 lo_f.scatter_(1, part, torch.maximum(lo_f.gather(1, part), c_lo))
                 up_f.scatter_(1, part, torch.minimum(up_f.gather(1, part), c_up))
             box = apply_split((lo_f.reshape(lo.shape), up_f.reshape(up.shape)),

@@ -210,11 +210,22 @@ def _widened_input(mu: Tensor, r: Tensor) -> Box:
     return L, U
 
 
+def _check_sound_steps(plan, method: str) -> None:
+    """Refuse the traced-graph steps the rigorous back-substitution does not cover yet."""
+    from adcert.bounds.plan import AvgPoolStep, ResidualStep, iter_steps
+    for step in iter_steps(plan.steps):
+        if isinstance(step, (ResidualStep, AvgPoolStep)):
+            raise NotImplementedError(
+                f"sound: the plan step {type(step).__name__} is not supported by method "
+                f"{method!r} with sound=True yet (use sound=False)")
+
+
 def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: dict):
     """``compute_bounds(..., method, sound=True)`` for the CROWN family (see the module doc)."""
     from adcert.bounds import crown as cr
     if mu.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"sound: needs float32 or float64 inputs and model, got {mu.dtype}")
+    _check_sound_steps(plan, method)
     with exact_float_mode(), torch.no_grad():
         mu, r = mu.detach(), r.detach()
         low = lower_plan(plan, stats, tuple(mu.shape[1:]), mu.dtype, mu.device, method,

@@ -36,7 +36,8 @@ from torch import nn
 from adcert.bounds import bn as bnlib
 from adcert.bounds.ibp import conv_padding
 from adcert.bounds.plan import (
-    AffineStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
+    AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
+    ReshapeStep, ResidualStep,
 )
 
 Tensor = torch.Tensor
@@ -63,10 +64,12 @@ class AffineOp:
     groups: int = 1
     bias_mag: Optional[Tensor] = None
     coef_rel_err: int = 0  # roundings in computing weight/bias from the model (sound mode)
+    src: int = -1  # index of the op whose output is this op's input (-1: the network input)
+    pool: Optional[nn.Module] = None  # kind ``pool``: the AvgPool2d/AdaptiveAvgPool2d module
 
     @property
     def dense(self) -> bool:
-        return self.kind in ("linear", "conv")
+        return self.kind in ("linear", "conv", "pool")
 
     @property
     def dot_length(self) -> int:
@@ -93,6 +96,8 @@ class AffineOp:
         if self.kind == "channel":
             z = h * self._chan(w, h.dim())
             return z + self._chan(b, h.dim()) if b is not None else z
+        if self.kind == "pool":
+            return self.pool(h)
         return h.reshape((h.shape[0],) + self.out_shape)
 
     def backward(self, A: Tensor, weight: Optional[Tensor] = None) -> Tensor:
@@ -114,7 +119,21 @@ class AffineOp:
             return back.reshape(lead + self.in_shape)
         if self.kind == "channel":
             return A * w.reshape((1, 1, -1) + (1,) * (A.dim() - 3))
+        if self.kind == "pool":
+            return self._pool_adjoint(A)
         return A.reshape(lead + self.in_shape)
+
+    def _pool_adjoint(self, A: Tensor) -> Tensor:
+        """``A P`` for the (linear) pooling ``P``: the vector-Jacobian product of the pooling
+        with ``A`` (exact: the adjoint of a linear map; differentiable in ``A``)."""
+        lead = A.shape[:2]
+        flat = A.reshape((-1,) + self.out_shape)
+        with torch.enable_grad():
+            dummy = torch.zeros((flat.shape[0],) + self.in_shape, dtype=A.dtype,
+                                device=A.device, requires_grad=True)
+            (back,) = torch.autograd.grad(self.pool(dummy), dummy, grad_outputs=flat,
+                                          create_graph=A.requires_grad)
+        return back.reshape(lead + self.in_shape)
 
     def bias_term(self, A: Tensor, magnitude: bool = False) -> Optional[Tensor]:
         """``A . c`` summed over the op's output: ``[B, S]`` (``None`` without a bias); with
@@ -137,14 +156,38 @@ class ReluOp:
     """A ReLU; ``index``: its position among the network's ReLUs; ``shape``: one sample's."""
     index: int
     shape: Tuple[int, ...] = ()
+    src: int = -1
 
 
-Op = Union[AffineOp, ReluOp]
+@dataclass(eq=False)
+class AddOp:
+    """A residual join: the sum of the outputs of the ops ``srcs`` (``-1``: the network
+    input; an index may repeat), all of one-sample shape ``shape``. Back-substitution passes
+    ``A`` unchanged to every source."""
+    srcs: Tuple[int, ...]
+    shape: Tuple[int, ...] = ()
+
+    @property
+    def in_shape(self) -> Tuple[int, ...]:
+        return self.shape
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        return self.shape
+
+    dense = True  # IBP is not exact through a sum of correlated branches
+
+
+Op = Union[AffineOp, ReluOp, AddOp]
 
 
 @dataclass(eq=False)
 class Lowered:
-    """The network as primitive ops, plus ``relu_at[k]``: the op index of ReLU ``k``."""
+    """The network as primitive ops, plus ``relu_at[k]``: the op index of ReLU ``k``.
+
+    The ops form a DAG in topological order: every op reads the output of ``op.src`` (an
+    :class:`AddOp` of ``op.srcs``; ``-1`` is the network input); the network output is the
+    last op's. A plan without residual steps lowers to a chain (``src = index - 1``)."""
     ops: List[Op]
     relu_at: List[int] = field(default_factory=list)
     in_shape: Tuple[int, ...] = ()
@@ -155,11 +198,21 @@ class Lowered:
             return op.out_shape if isinstance(op, AffineOp) else op.shape
         return self.in_shape
 
+    @property
+    def is_chain(self) -> bool:
+        """Whether every op reads the previous op's output (no residual join)."""
+        return all(not isinstance(o, AddOp) and o.src == i - 1 for i, o in enumerate(self.ops))
+
+    def relu_input_end(self, k: int) -> int:
+        """The ``end`` (see :func:`backward_lower`) of ReLU ``k``'s input."""
+        return self.ops[self.relu_at[k]].src + 1
+
 
 def _unsupported(step, method: str) -> NotImplementedError:
     return NotImplementedError(f"model: the plan step {type(step).__name__} is not supported by "
                                f"method {method!r} (supported: Normalize, Conv2d/Linear "
-                               f"(+BatchNorm)(+ReLU), BatchNorm, ReLU, Flatten)")
+                               f"(+BatchNorm)(+ReLU), BatchNorm, ReLU, Flatten, AvgPool, "
+                               f"Reshape, Residual)")
 
 
 def _detach(t: Optional[Tensor], detach: bool) -> Optional[Tensor]:
@@ -177,19 +230,26 @@ def lower_plan(plan: LayerPlan, stats, in_shape: Tuple[int, ...], dtype, device,
     relu_at: List[int] = []
     shape = tuple(in_shape)
     probe = torch.zeros((1,) + shape, dtype=dtype, device=device)
+    cur = -1  # the op whose output the next op reads
+
+    def append(op) -> None:
+        nonlocal cur
+        ops.append(op)
+        cur = len(ops) - 1
 
     def add_affine(op: AffineOp) -> None:
         nonlocal shape, probe
         op.in_shape = shape
+        op.src = cur
         with torch.no_grad():
             probe = op.forward(probe, bias=False)
         op.out_shape = tuple(probe.shape[1:])
         shape = op.out_shape
-        ops.append(op)
+        append(op)
 
     def add_relu() -> None:
         relu_at.append(len(ops))
-        ops.append(ReluOp(len(relu_at) - 1, shape))
+        append(ReluOp(len(relu_at) - 1, shape, src=cur))
 
     def bn_op(bn) -> AffineOp:
         mean, var = stats[bn]
@@ -198,7 +258,30 @@ def lower_plan(plan: LayerPlan, stats, in_shape: Tuple[int, ...], dtype, device,
         return AffineOp("channel", _detach(scale, detach), _detach(shift, detach),
                         bias_mag=_detach(mag, detach), coef_rel_err=6)
 
-    for step in plan.steps:
+    def add_residual(step: ResidualStep) -> None:
+        nonlocal shape, probe, cur
+        fork = (cur, shape, probe)
+        ends = []
+        for branch in step.branches:
+            cur, shape, probe = fork
+            lower(branch)
+            ends.append((cur, shape, probe))
+        if not ends:
+            raise ValueError("model: a residual join with no branches")
+        shapes = {e[1] for e in ends}
+        if len(shapes) != 1:
+            raise ValueError(f"model: the branches of a residual join have different shapes "
+                             f"{sorted(shapes)}")
+        shape, probe = ends[0][1], ends[0][2]
+        append(AddOp(tuple(e[0] for e in ends), shape))
+        if step.relu:
+            add_relu()
+
+    def lower(steps) -> None:
+        for step in steps:
+            lower_step(step)
+
+    def lower_step(step) -> None:
         if isinstance(step, NormalizeStep):
             m = step.module
             std = m.std.to(dtype=dtype, device=device)
@@ -238,6 +321,12 @@ def lower_plan(plan: LayerPlan, stats, in_shape: Tuple[int, ...], dtype, device,
                 add_relu()
         elif isinstance(step, ReluStep):
             add_relu()
+        elif isinstance(step, ResidualStep):
+            add_residual(step)
+        elif isinstance(step, AvgPoolStep):
+            add_affine(AffineOp("pool", pool=step.module))
+        elif isinstance(step, ReshapeStep):
+            add_affine(AffineOp("reshape", out_shape=tuple(step.apply(probe).shape[1:])))
         elif isinstance(step, FlattenStep):
             start = step.module.start_dim % (len(shape) + 1)
             if start == 0:
@@ -246,6 +335,8 @@ def lower_plan(plan: LayerPlan, stats, in_shape: Tuple[int, ...], dtype, device,
             add_affine(AffineOp("reshape", out_shape=tuple(step.module(probe).shape[1:])))
         else:
             raise _unsupported(step, method)
+
+    lower(plan.steps)
     return Lowered(ops, relu_at, tuple(in_shape))
 
 
@@ -298,6 +389,11 @@ def concretize_lower(A: Tensor, mu: Tensor, r: Tensor) -> Tensor:
             - torch.einsum("bsk,bk->bs", Af.abs(), r.flatten(1)))
 
 
+def _accumulate(pending: dict, j: int, A: Tensor) -> None:
+    """Add coefficients ``A`` on the output of op ``j`` to ``pending``."""
+    pending[j] = A if j not in pending else pending[j] + A
+
+
 def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
                    relu_box: Sequence[Optional[Tuple[Tensor, Tensor]]],
                    alphas: Optional[dict] = None) -> Tensor:
@@ -305,11 +401,21 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
     of ``low.ops[end - 1]`` (``end = 0``: the input) and ``A: [B, S, *shape of h_end]``.
 
     ``relu_box[k]``: ``(lower, upper)`` of ReLU ``k``'s input (``[B, *shape]``); ``alphas``:
-    optional ``{k: [B, S, *shape]}`` lower slopes (default: adaptive). Exact in real arithmetic;
+    optional ``{k: [B, S, *shape]}`` lower slopes (default: adaptive). The ops are visited in
+    reverse topological order; at a residual join (:class:`AddOp`) ``A`` goes unchanged into
+    every branch and the coefficients meeting at a fork are summed. Exact in real arithmetic;
     :mod:`adcert.bounds.crown_sound` has the floating-point-rigorous twin."""
     const = A.new_zeros(A.shape[:2])
+    pending = {end - 1: A}  # op index -> coefficients on that op's output
     for i in range(end - 1, -1, -1):
+        A = pending.pop(i, None)
+        if A is None:  # an op the bounded value does not depend on
+            continue
         op = low.ops[i]
+        if isinstance(op, AddOp):  # residual join: A goes unchanged into every branch
+            for j in op.srcs:
+                _accumulate(pending, j, A)
+            continue
         if isinstance(op, ReluOp):
             lo, up = relu_box[op.index]
             alpha = None if alphas is None else alphas.get(op.index)
@@ -319,5 +425,8 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
             c = op.bias_term(A)
         if c is not None:
             const = const + c
-        A = A_new
+        _accumulate(pending, op.src, A_new)
+    A = pending.pop(-1, None)
+    if A is None:  # the bounded value does not depend on the input
+        return const
     return concretize_lower(A, mu, r) + const

@@ -1,0 +1,246 @@
+"""CROWN-family bounds (crown-ibp, crown, alpha-crown) on traced graphs: residual joins (identity
+and conv shortcuts), AvgPool2d and ``x.view(B, -1)``.
+
+Soundness is checked against the true margins ``z_y - z_i`` of the model at points sampled in the
+box (vertices included); the residual back-substitution against Sequential networks that compute
+the same function.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from adcert.bounds import clean_bn_stats, compute_bounds, get_plan
+from adcert.bounds.linear_relax import backward_lower, lower_plan
+
+DT = torch.float64
+CROWN_FAMILY = ("crown-ibp", "crown", "alpha-crown")
+
+
+class Block(nn.Module):
+    """relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)); shortcut: identity or conv+BN."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.r1 = nn.ReLU()
+        self.c2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride),
+                                       nn.BatchNorm2d(cout))
+        self.r2 = nn.ReLU()
+
+    def forward(self, x):
+        return self.r2(self.b2(self.c2(self.r1(self.b1(self.c1(x))))) + self.short(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block1 = Block(4, 4, 1)
+        self.block2 = Block(4, 6, 2)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = self.pool(self.block2(self.block1(self.stem(x))))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0, 0.2)
+    return model
+
+
+def make(bn_mode, batch=2, seed=0):
+    torch.manual_seed(seed)
+    model = _randomise_bn(TinyResNet().double())
+    x = torch.rand(batch, 2, 8, 8, dtype=DT)
+    y = torch.randint(0, 3, (batch,))
+    if bn_mode == "train":
+        model.train()
+        stats = clean_bn_stats(model, x)
+        twin = copy.deepcopy(model).eval()  # the function the bounds are of
+        for orig, dup in zip(model.modules(), twin.modules()):
+            if orig in stats:
+                with torch.no_grad():
+                    dup.running_mean.copy_(stats[orig][0])
+                    dup.running_var.copy_(stats[orig][1])
+        return model, x, y, stats, twin
+    return model.eval(), x, y, None, model
+
+
+def true_margins(net, x, y, eps, n=200):
+    """``[B, N, C]`` true ``z_y - z_i`` at random points and random vertices of the box."""
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    u = torch.rand((x.shape[0], n) + x.shape[1:], dtype=DT)
+    verts = (torch.rand_like(u) < 0.5).to(DT)
+    pts = lo.unsqueeze(1) + torch.cat([u, verts], 1) * (hi - lo).unsqueeze(1)
+    B, N = pts.shape[:2]
+    with torch.no_grad():
+        z = net(pts.reshape((B * N,) + x.shape[1:])).reshape(B, N, -1)
+    return z.gather(2, y.view(B, 1, 1).expand(B, N, 1)) - z
+
+
+def test_plan_has_graph_steps():
+    from adcert.bounds.plan import AvgPoolStep, ReshapeStep, ResidualStep, iter_steps
+    model, *_ = make("eval")
+    kinds = {type(s) for s in iter_steps(get_plan(model).steps)}
+    assert {ResidualStep, AvgPoolStep, ReshapeStep} <= kinds
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_bounds_contain_true_margins_and_crown_tighter_than_ibp(bn_mode):
+    model, x, y, stats, twin = make(bn_mode)
+    eps = 0.03
+    truth = true_margins(twin, x, y, eps).min(1).values
+    ibp = compute_bounds(model, x, eps, method="ibp", y=y, bn_stats=stats)
+    out = {}
+    for method in CROWN_FAMILY:
+        m = compute_bounds(model, x, eps, method=method, y=y, bn_stats=stats,
+                           **({"iterations": 5} if method == "alpha-crown" else {}))
+        assert m.shape == truth.shape and torch.isfinite(m).all()
+        assert (m <= truth + 1e-9).all(), (method, (m - truth).max())
+        out[method] = m
+    assert (out["crown"] >= ibp - 1e-9).all()
+    assert (out["alpha-crown"] >= out["crown"] - 1e-9).all()
+    assert (out["crown"] > ibp + 1e-6).any()  # the residual relaxation actually tightens
+
+
+def test_crown_ibp_differentiable_wrt_parameters():
+    model, x, y, stats, _ = make("train")
+    m = compute_bounds(model, x, 0.02, method="crown-ibp", y=y, bn_stats=stats)
+    torch.nn.functional.cross_entropy(-m, y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.block2.short[0].weight.grad.abs().sum() > 0  # through the conv shortcut
+    assert model.block1.c1.weight.grad.abs().sum() > 0  # through a residual branch
+
+
+def test_sound_refuses_residual_plans():
+    model, x, y, _, _ = make("eval")
+    with pytest.raises(NotImplementedError, match="ResidualStep|AvgPoolStep"):
+        compute_bounds(model, x, 0.01, method="crown", y=y, sound=True)
+
+
+class ZeroBranch(nn.Module):
+    """stem -> branch(h) + h with the branch's last conv all zeros -> the head. (No ReLU after
+    the add: IBP's ``mu - r`` of a ReLU output can be -1e-17, which would make the join's ReLU
+    numerically "unstable" and let alpha-CROWN move its slope.)"""
+
+    def __init__(self, head):
+        super().__init__()
+        self.stem, self.head = head[:3], head[3:]
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.z = nn.Conv2d(3, 3, 3, padding=1)
+        with torch.no_grad():
+            self.z.weight.zero_()
+            self.z.bias.zero_()
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.z(torch.relu(self.a(h))) + h
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_zero_residual_branch_equals_sequential(method):
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    seq = _randomise_bn(seq.double()).eval()
+    res = ZeroBranch(seq).double().eval()
+    x = torch.rand(2, 2, 8, 8, dtype=DT)
+    y = torch.tensor([0, 2])
+    torch.testing.assert_close(res(x), seq(x))
+    kw = {"iterations": 5} if method == "alpha-crown" else {}
+    a = compute_bounds(res, x, 0.05, method=method, y=y, **kw)
+    b = compute_bounds(seq, x, 0.05, method=method, y=y, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+class FoldableResidual(nn.Module):
+    """relu(L1 x) = h -> relu(h + L2 h) -> L3: the Sequential L1, relu, (I + W2), relu, L3."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        return self.l3(torch.relu(h + self.l2(h)))
+
+
+def test_residual_backsubstitution_equals_folded_sequential():
+    torch.manual_seed(2)
+    res = FoldableResidual().double()
+    fold = nn.Linear(6, 6).double()
+    with torch.no_grad():
+        fold.weight.copy_(res.l2.weight + torch.eye(6, dtype=DT))
+        fold.bias.copy_(res.l2.bias)
+    seq = nn.Sequential(res.l1, nn.ReLU(), fold, nn.ReLU(), res.l3)
+    x = torch.rand(3, 4, dtype=DT)
+    torch.testing.assert_close(res(x), seq(x))
+    eps = 0.2
+    boxes = []
+    compute_bounds(seq, x, eps, method="crown", y=torch.zeros(3, dtype=torch.long),
+                   relu_bounds=boxes)
+    spec = torch.randn(3, 5, 3, dtype=DT)
+    mu, r = x, torch.full_like(x, eps)
+    lbs = []
+    for net in (res, seq):
+        low = lower_plan(get_plan(net), {}, (4,), DT, "cpu", "crown")
+        lbs.append(backward_lower(low, len(low.ops), spec, mu, r, boxes))
+    torch.testing.assert_close(lbs[0], lbs[1], rtol=1e-10, atol=1e-10)
+    # and the relaxation holds at points of the box
+    pts = mu.unsqueeze(1) + r.unsqueeze(1) * (2 * torch.rand(3, 300, 4, dtype=DT) - 1)
+    with torch.no_grad():
+        vals = torch.einsum("bsc,bnc->bns", spec, res(pts.reshape(-1, 4)).reshape(3, 300, 3))
+    assert (lbs[0].unsqueeze(1) <= vals + 1e-9).all()
+
+
+def test_identity_only_residual_doubles():
+    """A join of two identity shortcuts is 2x: the bounds of a linear net are exact."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x + x)
+    net = Twice().double()
+    x = torch.rand(2, 3, dtype=DT)
+    lo, up = compute_bounds(net, x, 0.1, method="crown")
+    W = 2 * net.fc.weight
+    centre = x @ W.T + net.fc.bias
+    rad = 0.1 * W.abs().sum(1)
+    torch.testing.assert_close(lo, centre - rad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(up, centre + rad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2, padding=1, count_include_pad=False),
+                                  nn.AdaptiveAvgPool2d((2, 3))])
+def test_pool_backward_is_the_adjoint(pool):
+    """``A P`` from the pool op equals ``A`` times the pooling's dense Jacobian."""
+    from adcert.bounds.linear_relax import AffineOp
+    in_shape = (2, 5, 5)
+    op = AffineOp("pool", pool=pool, in_shape=in_shape)
+    out_shape = tuple(pool(torch.zeros((1,) + in_shape, dtype=DT)).shape[1:])
+    op.out_shape = out_shape
+    n_in = 2 * 5 * 5
+    J = pool(torch.eye(n_in, dtype=DT).reshape((n_in,) + in_shape)).reshape(n_in, -1).T
+    A = torch.randn((2, 4) + out_shape, dtype=DT)
+    want = (A.reshape(2, 4, -1) @ J).reshape((2, 4) + in_shape)
+    torch.testing.assert_close(op.backward(A), want, rtol=1e-12, atol=1e-12)
