@@ -128,10 +128,18 @@ def test_crown_ibp_differentiable_wrt_parameters():
     assert model.block1.c1.weight.grad.abs().sum() > 0  # through a residual branch
 
 
-def test_sound_refuses_residual_plans():
+def test_sound_rejects_unsupported_pool_and_dtype():
+    """What the sound path still refuses: pooling modules other than AvgPool2d /
+    AdaptiveAvgPool2d, and dtypes other than float32/float64 (clear errors)."""
+    from adcert.bounds.crown_sound import pool_terms
+    from adcert.bounds.linear_relax import AffineOp
+    op = AffineOp("pool", pool=nn.AvgPool1d(2), in_shape=(2, 4), out_shape=(2, 2))
+    with pytest.raises(NotImplementedError, match="AvgPool1d"):
+        pool_terms(op)
     model, x, y, _, _ = make("eval")
-    with pytest.raises(NotImplementedError, match="ResidualStep|AvgPoolStep"):
-        compute_bounds(model, x, 0.01, method="crown", y=y, sound=True)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        compute_bounds(model.to(torch.bfloat16), x.to(torch.bfloat16), 0.01, method="crown",
+                       y=y, sound=True)
 
 
 class ZeroBranch(nn.Module):
@@ -244,3 +252,54 @@ def test_pool_backward_is_the_adjoint(pool):
     A = torch.randn((2, 4) + out_shape, dtype=DT)
     want = (A.reshape(2, 4, -1) @ J).reshape((2, 4) + in_shape)
     torch.testing.assert_close(op.backward(A), want, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- sound=True on graphs
+
+
+class PoolHead(nn.Module):
+    """TinyResNet's body with an AdaptiveAvgPool2d head (windows of unequal sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = TinyResNet()
+        self.pool = nn.AdaptiveAvgPool2d((3, 2))
+        self.fc = nn.Linear(6 * 3 * 2, 3)
+
+    def forward(self, x):
+        b = self.body
+        h = self.pool(b.block2(b.block1(b.stem(x))))
+        return self.fc(torch.flatten(h, 1))
+
+
+def _fp32_pair(cls, seed):
+    """An fp32 model with randomised BN and its exact fp64 twin; an fp32-representable input
+    and eps (so both precisions bound the same real box)."""
+    torch.manual_seed(seed)
+    m32 = _randomise_bn(cls()).eval()
+    m64 = copy.deepcopy(m32).double()
+    x = torch.rand(2, 2, 8, 8)
+    y = torch.randint(0, 3, (2,))
+    return m32, m64, x, y, 2.0 ** -5
+
+
+@pytest.mark.parametrize("cls,seed", [(TinyResNet, 3), (PoolHead, 4)])
+def test_sound_fp32_graph_contains_fp64(cls, seed):
+    """Residual joins (identity and conv shortcuts), AvgPool2d/AdaptiveAvgPool2d and views
+    with sound=True in fp32: the margins are <= the true fp64 margins at sampled points and
+    vertices, and <= the fp64 non-sound CROWN margins. The latter is not a theorem (wider
+    intermediate boxes can flip CROWN's adaptive lower slopes) but holds by a wide margin here:
+    the sound boxes are only ~1e-6 relatively wider, so no slope flips; we require it exactly."""
+    m32, m64, x, y, eps = _fp32_pair(cls, seed)
+    x64 = x.double()
+    truth = true_margins(m64, x64, y, eps).min(1).values
+    crown64 = compute_bounds(m64, x64, eps, method="crown", y=y)
+    for method in ("crown-ibp", "crown", "alpha-crown"):
+        kw = {"iterations": 3} if method == "alpha-crown" else {}
+        s = compute_bounds(m32, x, eps, method=method, y=y, sound=True, **kw)
+        assert s.dtype == torch.float32 and torch.isfinite(s).all(), method
+        assert (s.double() <= truth).all(), (method, (s.double() - truth).max())
+        if method == "crown":
+            assert (s.double() <= crown64).all(), (s.double() - crown64).max()
+            # and the error terms are small: sound fp32 is close to the fp64 bound
+            assert ((crown64 - s.double()).abs() <= 1e-2 * (1 + crown64.abs())).all()

@@ -21,6 +21,16 @@ every update of the running constant is rounded down with ``nextafter(., -inf)``
   through ``(l, 0)`` and any larger intercept is still an upper line on ``[l, u]``); lower slopes
   are in ``[0, 1]``, exactly valid. One rounding per entry of ``A'``:
   ``A . relu(z) >= A' . z + fl(c) - gamma_2 |A'| . m_z - gamma_{n+1} |c terms|``.
+* Residual joins (traced graphs). IBP: the box of a join is the sum of its sources' boxes, one
+  addition at a time, each partial sum rounded outward (``nextafter``). Back-substitution: ``A``
+  passes unchanged into every branch (exact); where coefficients meet at a fork, each rounded
+  addition ``S = fl(A1 + A2)`` differs from the exact sum by ``|E| <= gamma_1 |S|``, so
+  ``A1 . h + A2 . h >= S . h - gamma_1 |S| . m_h`` (``m_h`` from the fork's box).
+* Average pooling (``AvgPool2d``, ``AdaptiveAvgPool2d``: weights ``1/count >= 0``, ``k`` inputs
+  per output at most). IBP: ``[P l, P u]`` minus/plus ``gamma_{k+2} P m`` (a ``k``-term sum and
+  the division, or a rounded reciprocal and a product). Back-substitution: ``A' = fl(A P)`` (the
+  adjoint, ``t``-term sums, ``t`` = windows covering one input) with ``|E| <= gamma_{t+2} |A| P``:
+  ``A . P h >= A' . h - gamma_{t+2} (|A| P) . m_h``.
 * Concretisation over the input box: ``fl(A+ . L + A- . U) - gamma_{n+1} |A| . max(|L|, |U|)``.
 
 TF32 (CUDA matmul and cuDNN), reduced-precision fp32 matmul and oneDNN (mkldnn, which may use
@@ -34,11 +44,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from adcert.bounds.linear_relax import AffineOp, Lowered, ReluOp, lower_plan, relu_lines
+from torch import nn
+
+from adcert.bounds.linear_relax import (
+    AddOp, AffineOp, Lowered, ReluOp, lower_plan, relu_lines,
+)
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -107,15 +121,55 @@ def _bias_mag(op: AffineOp) -> Optional[Tensor]:
     return op.bias_mag if op.bias_mag is not None else op.bias.abs()
 
 
-def sound_ibp(low: Lowered, L: Tensor, U: Tensor) -> List[Box]:
-    """Rigorous boxes ``[(l, u)]`` at the input of every op of ``low`` and, last, its output."""
-    boxes = [(L, U)]
+def _up_add(a: Tensor, b: Tensor) -> Tensor:
+    """An upper bound of the exact ``a + b`` (one rounded addition, then one step up)."""
+    return -down(-(a + b))
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def pool_terms(op: AffineOp) -> Tuple[int, int]:
+    """``(k, t)`` for a ``pool`` op: ``k`` bounds the inputs averaged into one output, ``t`` the
+    outputs one input is averaged into (the terms of one entry of ``A P``)."""
+    mod = op.pool
+    out_hw = _numel(op.out_shape[1:])
+    if isinstance(mod, nn.AvgPool2d):
+        kh, kw = _pair(mod.kernel_size)
+        sh, sw = _pair(mod.stride if mod.stride else mod.kernel_size)
+        t = min(out_hw, -(-kh // sh) * -(-kw // sw))
+        return kh * kw, max(1, t)
+    if isinstance(mod, nn.AdaptiveAvgPool2d):
+        return _numel(op.in_shape[1:]), max(1, out_hw)
+    raise NotImplementedError(f"sound: pooling module {type(mod).__name__} is not supported with "
+                              "sound=True (supported: AvgPool2d, AdaptiveAvgPool2d)")
+
+
+def sound_ibp(low: Lowered, L: Tensor, U: Tensor) -> Dict[int, Box]:
+    """Rigorous boxes ``{j: (l, u)}`` of the output of every op ``j`` of ``low`` (``-1``: the
+    input box ``(L, U)``); op ``i`` reads box ``op.src`` (an :class:`AddOp` sums ``op.srcs``)."""
+    outs: Dict[int, Box] = {-1: (L, U)}
     tiny = torch.finfo(L.dtype).tiny
-    for op in low.ops:
+    for i, op in enumerate(low.ops):
+        if isinstance(op, AddOp):
+            L, U = outs[op.srcs[0]]
+            for j in op.srcs[1:]:
+                L, U = down(L + outs[j][0]), _up_add(U, outs[j][1])
+            outs[i] = (L, U)
+            continue
+        L, U = outs[op.src]
         if isinstance(op, ReluOp):
             L, U = L.clamp(min=0), U.clamp(min=0)
         elif op.kind == "reshape":
             L, U = op.forward(L), op.forward(U)
+        elif op.kind == "pool":  # non-negative weights: monotone
+            k, _ = pool_terms(op)
+            lo, hi = op.forward(L), op.forward(U)
+            size = op.forward(torch.maximum(L.abs(), U.abs()))
+            err = 2 * gamma(k + 2, L.dtype) * size + (k + 2) * tiny
+            L = down(down(lo) - err)
+            U = -down(down(-hi) - err)
         else:
             w = op.weight
             wp, wn = w.clamp(min=0), w.clamp(max=0)
@@ -131,8 +185,8 @@ def sound_ibp(low: Lowered, L: Tensor, U: Tensor) -> List[Box]:
             err = 2 * gamma(k, L.dtype) * size + k * tiny
             L = down(down(lo) - err)
             U = -down(down(-hi) - err)
-        boxes.append((L, U))
-    return boxes
+        outs[i] = (L, U)
+    return outs
 
 
 def _abs_sum(t: Tensor) -> Tensor:
@@ -150,17 +204,44 @@ def sound_concretize(A: Tensor, L: Tensor, U: Tensor) -> Tensor:
     return down(down(val) - (err + n * torch.finfo(A.dtype).tiny))
 
 
+def _mag(box: Box) -> Tensor:
+    """``max(|l|, |u|)`` with a spec dimension: ``[B, 1, *shape]``."""
+    return torch.maximum(box[0].abs(), box[1].abs()).unsqueeze(1)
+
+
 def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box],
-                   alphas=None, *, in_boxes: List[Box]) -> Tensor:
+                   alphas=None, *, out_boxes: Dict[int, Box]) -> Tensor:
     """The rigorous twin of :func:`adcert.bounds.linear_relax.backward_lower` (same arguments;
-    ``in_boxes`` from :func:`sound_ibp`; the input box is ``in_boxes[0]``, ``mu, r`` unused)."""
+    ``out_boxes`` from :func:`sound_ibp`; the input box is ``out_boxes[-1]``, ``mu, r`` unused).
+
+    Coefficients meeting at a fork are summed with one rounded addition each, charged
+    ``gamma_1 |sum| . m`` (``m`` from the fork's box)."""
     dtype = A.dtype
     tiny = torch.finfo(dtype).tiny
     u_r = unit_roundoff(dtype)
     const = A.new_zeros(A.shape[:2])
+    pending = {end - 1: A}
+
+    def accumulate(j: int, A_new: Tensor) -> None:
+        nonlocal const
+        if j not in pending:
+            pending[j] = A_new
+            return
+        total = pending[j] + A_new
+        n = _numel(total.shape[2:])
+        err = 2 * gamma(1, dtype) * _abs_sum(total.abs() * _mag(out_boxes[j])) + 2 * n * tiny
+        const = down(const - err)
+        pending[j] = total
+
     for i in range(end - 1, -1, -1):
+        A = pending.pop(i, None)
+        if A is None:  # an op the bounded value does not depend on
+            continue
         op = low.ops[i]
-        lo_h, up_h = in_boxes[i]
+        if isinstance(op, AddOp):  # exact: A goes unchanged into every branch
+            for j in op.srcs:
+                accumulate(j, A)
+            continue
         if isinstance(op, ReluOp):
             lo, up = relu_box[op.index]
             m_h = torch.maximum(lo.abs(), up.abs()).unsqueeze(1)
@@ -181,9 +262,15 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
                        + gamma(n + 1, dtype) * _abs_sum(terms.abs())) + 2 * n * tiny
         elif op.kind == "reshape":
             A_new, c, err = op.backward(A), None, None
+        elif op.kind == "pool":  # A P: t-term sums of A * (1 / count), P >= 0
+            _, t = pool_terms(op)
+            A_new, c = op.backward(A), None
+            m_h = _mag(out_boxes[op.src])
+            err = (2 * gamma(t + 2, dtype) * _abs_sum(op.backward(A.abs()) * m_h)
+                   + 2 * (_numel(op.in_shape) + _numel(op.out_shape)) * (t + 2) * tiny)
         else:
             A_new = op.backward(A)
-            m_h = torch.maximum(lo_h.abs(), up_h.abs()).unsqueeze(1)
+            m_h = _mag(out_boxes[op.src])
             absA = A.abs()
             k = op.dot_length + op.coef_rel_err + 1
             err = 2 * gamma(k, dtype) * _abs_sum(op.backward(absA, op.weight.abs()) * m_h)
@@ -197,8 +284,11 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
             const = down(const + c)
         if err is not None:
             const = down(const - err)
-        A = A_new
-    L, U = in_boxes[0]
+        accumulate(op.src, A_new)
+    A = pending.pop(-1, None)
+    if A is None:  # the bounded value does not depend on the input
+        return const
+    L, U = out_boxes[-1]
     return down(sound_concretize(A, L, U) + const)
 
 
@@ -210,22 +300,11 @@ def _widened_input(mu: Tensor, r: Tensor) -> Box:
     return L, U
 
 
-def _check_sound_steps(plan, method: str) -> None:
-    """Refuse the traced-graph steps the rigorous back-substitution does not cover yet."""
-    from adcert.bounds.plan import AvgPoolStep, ResidualStep, iter_steps
-    for step in iter_steps(plan.steps):
-        if isinstance(step, (ResidualStep, AvgPoolStep)):
-            raise NotImplementedError(
-                f"sound: the plan step {type(step).__name__} is not supported by method "
-                f"{method!r} with sound=True yet (use sound=False)")
-
-
 def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: dict):
     """``compute_bounds(..., method, sound=True)`` for the CROWN family (see the module doc)."""
     from adcert.bounds import crown as cr
     if mu.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"sound: needs float32 or float64 inputs and model, got {mu.dtype}")
-    _check_sound_steps(plan, method)
     with exact_float_mode(), torch.no_grad():
         mu, r = mu.detach(), r.detach()
         low = lower_plan(plan, stats, tuple(mu.shape[1:]), mu.dtype, mu.device, method,
@@ -234,9 +313,9 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
         spec = spec.detach()
         splits = cr.check_splits(opts.get("splits"), low, mu.shape[0])
         L, U = _widened_input(mu, r)
-        in_boxes = sound_ibp(low, L, U)
-        ibp_relu = [in_boxes[at] for at in low.relu_at]
-        backward = partial(sound_backward, in_boxes=in_boxes)
+        outs = sound_ibp(low, L, U)
+        ibp_relu = [outs[low.ops[at].src] for at in low.relu_at]
+        backward = partial(sound_backward, out_boxes=outs)
         if method == "crown-ibp":
             boxes = [cr.apply_split(b, None if splits is None else splits.get(k))
                      for k, b in enumerate(ibp_relu)]
@@ -250,7 +329,7 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
             _, alphas = optimize_alpha(low, end, spec, mu, r, boxes, opts)
         lb = backward(low, end, spec, mu, r, boxes, alphas)
         if method != "crown-ibp":
-            lb = torch.maximum(lb, sound_concretize(spec, *in_boxes[-1]))
+            lb = torch.maximum(lb, sound_concretize(spec, *outs[len(low.ops) - 1]))
     if request.relu_bounds is not None:
         request.relu_bounds.extend(boxes)
     return cr.format_result(lb, kind, request, low.out_shape)
