@@ -167,11 +167,15 @@ def make_stage(name: str, num_classes: int, sound: bool = True, timeout: Optiona
         from adcert.certify.bab import InputSplitBaB
 
         return InputSplitBaB(sound=sound, timeout=timeout, **opts)
+    if name == "bab-relu":
+        from adcert.certify.bab_relu import ReluSplitBaB
+
+        return ReluSplitBaB(sound=sound, timeout=timeout, **opts)
     raise ValueError(f"stages: unknown stage {name!r}; known: clean, autoattack, "
-                     f"{', '.join(BOUND_METHODS)}, bab")
+                     f"{', '.join(BOUND_METHODS)}, bab, bab-relu")
 
 
-STAGE_NAMES = ("clean", "autoattack") + BOUND_METHODS + ("bab",)
+STAGE_NAMES = ("clean", "autoattack") + BOUND_METHODS + ("bab", "bab-relu")
 DEFAULT_STAGES = ("autoattack", "ibp", "crown", "alpha-crown")
 
 __all__ = ["Outcome", "CleanStage", "AutoAttackStage", "BoundStage", "RadiusStage", "make_stage", "worst_margin",

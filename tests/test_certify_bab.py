@@ -1,0 +1,135 @@
+"""The ReLU-split branch-and-bound stage (``bab-relu``): it certifies instances alpha-CROWN
+alone cannot, every certified instance survives dense random sampling + PGD, planted non-robust
+points are never certified and their counterexamples are real, budgets give ``unknown``."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adcert.attacks.autoattack import margins
+from adcert.attacks.pgd import pgd_attack
+from adcert.bounds import compute_bounds
+from adcert.certify.bab_relu import ReluSplitBaB
+from adcert.certify.stages import make_stage, worst_margin
+
+EPS = 0.12
+
+
+def mlp(seed=0) -> nn.Module:
+    """4-20-20-3 fp64 MLP with weights large enough that eps ~0.1 leaves many unstable ReLUs."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(),
+                        nn.Linear(20, 3)).double()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
+                               * 2 / m.weight.shape[1] ** 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=torch.float64) * 0.3)
+    return net.eval()
+
+
+def points(net, n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        return x, net(x).argmax(1)
+
+
+def attackable(net, x, y, eps, n=20000, seed=0):
+    """Per sample ``[B]`` bool: do ``n`` uniform points of the box (plus its 16 vertices) or PGD
+    (16 restarts, 50 steps) find ``z_i >= z_y`` for some ``i != y``?"""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(x.shape[0]):
+        lo, hi = (x[i] - eps).clamp(0, 1), (x[i] + eps).clamp(0, 1)
+        u = torch.rand(n, 4, generator=g, dtype=torch.float64)
+        verts = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * 4)
+        pts = lo + (hi - lo) * torch.cat([u, verts])
+        pgd = pgd_attack(net, x[i:i + 1].expand(16, 4), y[i:i + 1].expand(16), eps, steps=50,
+                         loss="margin")
+        pts = torch.cat([pts, pgd])
+        out.append(bool((margins(net, pts, y[i].expand(pts.shape[0])) <= 0).any()))
+    return torch.tensor(out)
+
+
+def planted(net, eps, seed=3):
+    """A correctly classified point at L-inf distance ~eps/3 from a decision boundary, with a
+    constructed counterexample inside its box: ``(x [1, 4], y [1], x_adv [1, 4])``."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        a, b = torch.rand(2, 4, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            ca, cb = net(torch.stack([a, b])).argmax(1)
+        if ca == cb:
+            continue
+        a0 = a
+        for _ in range(40):
+            mid = (a + b) / 2
+            with torch.no_grad():
+                same = net(mid[None]).argmax(1)[0] == ca
+            a, b = (mid, b) if same else (a, mid)
+        u = b - a0
+        u = u / u.abs().max()
+        x0, x1 = (a - u * eps / 3).clamp(0, 1), (a + u * eps / 3).clamp(0, 1)
+        with torch.no_grad():
+            c0, c1 = net(torch.stack([x0, x1])).argmax(1)
+        if c0 == ca and c1 != c0:
+            return x0[None], c0[None], x1[None]
+    raise AssertionError("no decision boundary found")
+
+
+def test_certifies_beyond_alpha_crown_and_every_certificate_survives_attacks():
+    net = mlp()
+    x, y = points(net)
+    alpha = worst_margin(compute_bounds(net, x, EPS, method="alpha-crown", y=y, sound=True), y)
+    out = ReluSplitBaB(sound=True, timeout=4).run(net, x, y, EPS)
+    cert = torch.tensor([v == "certified" for v in out.verdicts])
+    assert (cert & (alpha <= 0)).any(), "bab-relu must certify something alpha-CROWN cannot"
+    assert not attackable(net, x[cert], y[cert], EPS).any()
+    for i, v in enumerate(out.verdicts):
+        if v == "attacked":  # a stage's counterexample is real
+            a = out.adv[i]
+            assert ((a >= (x[i] - EPS).clamp(0, 1)) & (a <= (x[i] + EPS).clamp(0, 1))).all()
+            assert margins(net, a[None], y[i:i + 1])[0] <= 0
+
+
+@pytest.mark.parametrize("sound,method", [(True, "crown"), (False, "alpha-crown")])
+def test_planted_non_robust_point_is_attacked_never_certified(sound, method):
+    net = mlp()
+    x, y, adv = planted(net, EPS)
+    assert margins(net, adv, y)[0] <= 0 and margins(net, x, y)[0] > 0
+    out = ReluSplitBaB(sound=sound, timeout=5, method=method, attack_every=3).run(net, x, y, EPS)
+    assert out.verdicts == ["attacked"]
+    a = out.adv[0]
+    assert ((a >= (x[0] - EPS).clamp(0, 1)) & (a <= (x[0] + EPS).clamp(0, 1))).all()
+    with torch.no_grad():
+        assert net(a[None]).argmax(1)[0] != y[0]
+    # without the attack the search can never close the domain holding the counterexample
+    out = ReluSplitBaB(sound=sound, timeout=1.5, method=method, attack_every=0).run(net, x, y,
+                                                                                    EPS)
+    assert out.verdicts == [None]
+
+
+def test_timeout_and_domain_budget_give_unknown():
+    net = mlp()
+    x, y = points(net, n=1)
+    alpha = worst_margin(compute_bounds(net, x, 0.2, method="crown", y=y, sound=True), y)
+    assert alpha[0] <= 0  # the root domain is open, so a search is needed
+    for kw in (dict(timeout=0.05), dict(max_domains=1)):
+        out = ReluSplitBaB(sound=True, attack_every=0, **kw).run(net, x, y, 0.2)
+        assert out.verdicts == [None] and out.values == [None]
+
+
+def test_registered_and_bad_arguments_name_the_argument():
+    st = make_stage("bab-relu", 3, sound=True, timeout=7.0, options={"bab-relu": {"batch": 8}})
+    assert isinstance(st, ReluSplitBaB) and st.timeout == 7.0 and st.batch == 8 and st.sound
+    net = mlp()
+    x, y = points(net, n=1)
+    assert st.unavailable(net, x, y, EPS) is None
+    for kw, name in ((dict(timeout=0), "timeout"), (dict(method="ibp"), "method"),
+                     (dict(batch=0), "max_domains, batch"),
+                     (dict(restarts=0), "attack_every, pgd_steps, restarts")):
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            ReluSplitBaB(**kw)
