@@ -54,6 +54,8 @@ class ADCert(IBPFamily):
         coef = state.ramp if state.coef is None else state.coef
         return self.alpha * coef if self.alpha_ramp else self.alpha
 
+    adv_weight = 5 / 6  # RSLAD-CERT's weight of the adversarial KL (unused by AD-CERT)
+
     def clean_term(self, logits):
         """The clean student logits for RSLAD-CERT's extra KL term (``None`` for AD-CERT)."""
         return None
@@ -68,7 +70,7 @@ class ADCert(IBPFamily):
         alpha = self.current_alpha(state)
         adv_logits = self.frozen_forward(model, x_adv, state)
         loss = adcert_loss(adv_logits, teacher_logits, margins, alpha, tau=self.tau,
-                           clean_logits=self.clean_term(logits))
+                           clean_logits=self.clean_term(logits), adv_weight=self.adv_weight)
         return loss, margins, {"alpha": alpha}
 
 
@@ -88,16 +90,3 @@ class RSLADCert(ADCert):
 
     def clean_term(self, logits):
         return logits
-
-    def robust_loss(self, model, x, y, state, logits, reg):
-        with torch.no_grad():
-            self.teacher.eval()
-            teacher_logits = self.teacher(x)
-        x_adv = self.attack(model, x, y, self.scale * state.eps, self.steps, state,
-                            self.step_size)
-        margins = self.ibp_margins(model, x, y, state, reg)
-        alpha = self.current_alpha(state)
-        adv_logits = self.frozen_forward(model, x_adv, state)
-        loss = adcert_loss(adv_logits, teacher_logits, margins, alpha, tau=self.tau,
-                           clean_logits=logits, adv_weight=self.adv_weight)
-        return loss, margins, {"alpha": alpha}
