@@ -41,8 +41,6 @@ The sound result is detached from the parameters for every method (certification
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
@@ -50,55 +48,13 @@ import torch
 
 from torch import nn
 
+from adcert.bounds.sound import down, gamma, strict_float_mode, unit_roundoff
 from adcert.bounds.linear_relax import (
     AddOp, AffineOp, Lowered, ReluOp, lower_plan, relu_lines,
 )
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
-
-
-@contextlib.contextmanager
-def exact_float_mode():
-    """Disable TF32, reduced-precision fp32 matmul and oneDNN for the duration; restore after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with warnings.catch_warnings():  # torch warns about oneDNN TF32 on Intel GPUs
-            warnings.simplefilter("ignore", UserWarning)
-            ctx = torch.backends.mkldnn.flags(enabled=False)
-            ctx.__enter__()
-        try:
-            yield
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                ctx.__exit__(None, None, None)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
-
-
-def unit_roundoff(dtype) -> float:
-    return torch.finfo(dtype).eps / 2
-
-
-def gamma(k: int, dtype) -> float:
-    """``gamma_k = k u / (1 - k u)`` (raises if ``k u >= 1/2``, where the doubling argument
-    fails)."""
-    ku = k * unit_roundoff(dtype)
-    if ku >= 0.5:
-        raise ValueError(f"sound: dot products of length {k} are too long for {dtype} "
-                         "(k * u >= 1/2)")
-    return ku / (1 - ku)
-
-
-def down(t: Tensor) -> Tensor:
-    """The next float below ``t`` (a lower bound of the exact result of one rounded op)."""
-    return torch.nextafter(t, torch.full_like(t, -float("inf")))
 
 
 def _numel(shape) -> int:
@@ -305,7 +261,7 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
     from adcert.bounds import crown as cr
     if mu.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"sound: needs float32 or float64 inputs and model, got {mu.dtype}")
-    with exact_float_mode(), torch.no_grad():
+    with strict_float_mode(), torch.no_grad():
         mu, r = mu.detach(), r.detach()
         low = lower_plan(plan, stats, tuple(mu.shape[1:]), mu.dtype, mu.device, method,
                          fold_bn=False, detach=True)
