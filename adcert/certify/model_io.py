@@ -43,7 +43,9 @@ def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu",
                trust_pickle: bool = False) -> nn.Module:
     """The model stored at ``path``, on ``map_location``, in eval mode (see the module
     docstring for the accepted formats)."""
-    from adcert.train.checkpoint import FORMAT, CheckpointError, model_from_checkpoint
+    from adcert.train.checkpoint import (
+        FORMAT, CheckpointError, model_from_checkpoint, model_from_spec,
+    )
 
     path = pathlib.Path(path)
     if not path.is_file():
@@ -76,15 +78,10 @@ def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu",
         except CheckpointError as err:
             raise ModelFileError(str(err)) from None
     if isinstance(obj, dict) and "model_spec" in obj and "model" in obj:
-        from adcert.models import build_model
-
         try:
-            model = build_model(**obj["model_spec"])
-            model.load_state_dict(obj["model"])
-        except (RuntimeError, TypeError, KeyError) as err:
-            raise ModelFileError(f"checkpoint {path}: the weights do not fit the model spec "
-                                 f"{obj['model_spec']} ({err})") from None
-        return model.to(map_location).eval()
+            return model_from_spec(obj, path, map_location)
+        except CheckpointError as err:
+            raise ModelFileError(str(err)) from None
     raise ModelFileError(f"checkpoint {path}: expected an adcert checkpoint (a dict with "
                          f"'model_spec' and 'model'), a TorchScript file or a saved nn.Module; "
                          f"got a {type(obj).__name__}"

@@ -109,13 +109,12 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     return ckpt
 
 
-def model_from_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu"
-                          ) -> nn.Module:
-    """The model of an adcert checkpoint (``"final"``: the finished model, ``"last"``: the
-    training weights), rebuilt from its spec, in eval mode."""
+def model_from_spec(ckpt: Dict[str, Any], path: PathLike,
+                    map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+    """``ckpt["model_spec"]`` rebuilt with :func:`adcert.models.build_model`, loaded with
+    ``ckpt["model"]``, in eval mode; :class:`CheckpointError` naming ``path`` if they disagree."""
     from adcert.models import build_model
 
-    ckpt = load_checkpoint(path, map_location)
     try:
         model = build_model(**ckpt["model_spec"])
         model.load_state_dict(ckpt["model"])
@@ -125,5 +124,12 @@ def model_from_checkpoint(path: PathLike, map_location: Union[str, torch.device]
     return model.to(map_location).eval()
 
 
+def model_from_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu"
+                          ) -> nn.Module:
+    """The model of an adcert checkpoint (``"final"``: the finished model, ``"last"``: the
+    training weights), rebuilt from its spec, in eval mode."""
+    return model_from_spec(load_checkpoint(path, map_location), path, map_location)
+
+
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "atomic_save", "rng_state", "set_rng_state",
-           "load_checkpoint", "model_from_checkpoint"]
+           "load_checkpoint", "model_from_checkpoint", "model_from_spec"]
