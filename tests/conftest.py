@@ -56,3 +56,13 @@ def shared_data():
         pytest.skip(f"../shared/data not found: {path} is absent (set ADCERT_DATA to the shared "
                     f"data directory to run this test)")
     return path
+
+
+@pytest.fixture
+def float64_default():
+    """fp64 as torch's default dtype for one test, restored afterwards (formula checks); use with
+    ``pytestmark = pytest.mark.usefixtures("float64_default")``."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -12,12 +12,7 @@ from adcert.attacks import (adversarial_certainty, edac_attack, edac_lookahead, 
 from adcert.bounds import clean_bn_stats
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # fp64 formula checks
 
 
 def bn_net(seed=0):

@@ -13,13 +13,7 @@ from adcert.methods import METHODS, StepState, get_method
 from adcert.methods.regularizers import warmup_regularizer
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """fp64 for these formula checks, restored after each test."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # fp64 formula checks
 
 
 def mlp(seed=0, d=6, h=8, c=4):

@@ -15,12 +15,7 @@ from adcert.methods._split import split_before_last_linear, split_by_relus
 from adcert.methods.taps import RectifiedLink, class_margins, pivotal_points
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # fp64 formula checks
 
 
 def mlp(seed=0, d=6, h=8, c=4, bn=False):
