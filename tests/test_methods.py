@@ -378,3 +378,41 @@ def test_warmup_regulariser_is_added_during_the_ramp(batch, name):
     # after the ramp the regulariser is off
     done = on.loss(model, x, y, state(0.1, 0.1)).loss
     torch.testing.assert_close(done, off.loss(model, x, y, state(0.1, 0.1)).loss)
+
+
+# -- per-sample state: ACERT's radius cache fed by StepState.index ------------------------------
+def test_acert_caches_radii_by_state_index_and_round_trips_its_state(batch):
+    from adcert.radius import certified_radius
+
+    x, y = batch
+    model = mlp(3)
+    method = get_method("acert", maxiter=20, xtol=1e-7, certified_only=True, reg_lambda=0.0,
+                        warm_start=True)
+    index = torch.tensor([7, 2, 9, 0, 4])
+    method.loss(model, x, y, state(eps=0.3, target=0.3, index=index))
+    frac = method.cache.frac
+    assert frac.shape == (10,) and bool(torch.isnan(frac[[1, 3, 5, 6, 8]]).all())
+    with torch.no_grad():
+        expect = certified_radius(model, x, y, 0.3, xtol=1e-7, maxiter=20).radius
+    torch.testing.assert_close(frac[index] * 0.3, expect, rtol=0, atol=1e-12)
+    saved = method.state_dict()
+    fresh = get_method("acert")
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(fresh.cache.frac, frac, rtol=0, atol=0, equal_nan=True)
+    assert get_method("ibp").state_dict() == {}
+    with pytest.raises(ValueError, match="state"):
+        get_method("ibp").load_state_dict(saved)
+    with pytest.raises(ValueError, match="unknown key"):
+        fresh.load_state_dict({"cache": None})
+    with pytest.raises(ValueError, match="index"):
+        method.loss(model, x, y, state(eps=0.3, target=0.3, index=index.float()))
+
+
+def test_acert_without_index_or_warm_start_leaves_the_cache_empty(batch):
+    x, y = batch
+    method = get_method("acert", reg_lambda=0.0, warm_start=True)
+    method.loss(mlp(3), x, y, state(eps=0.3, target=0.3))
+    assert method.cache.frac is None
+    cold = get_method("acert", reg_lambda=0.0, warm_start=False)
+    cold.loss(mlp(3), x, y, state(eps=0.3, target=0.3, index=torch.arange(5)))
+    assert cold.cache.frac is None

@@ -91,8 +91,11 @@ class Batches:
             return x.to(self.dtype) / 255.0
         return x.to(self.dtype)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
-        """The batches of ``epoch`` from batch index ``start`` on (for resuming mid-epoch)."""
+    def epoch(self, epoch: int, start: int = 0,
+              with_index: bool = False) -> Iterator[Tuple[Tensor, ...]]:
+        """The batches of ``epoch`` from batch index ``start`` on (for resuming mid-epoch);
+        ``with_index``: yield ``(xb, yb, idx)`` with ``idx: [b]`` int64 dataset indices (on
+        ``device``)."""
         if start < 0:
             raise ValueError(f"start: expected a batch index >= 0, got {start}")
         idx = self.indices(epoch)
@@ -103,7 +106,10 @@ class Batches:
                 pad, crop = self.augment
                 xb = augment_batch(xb, pad, crop, _generator(self.seed, epoch, i, 1))
             self._epoch, self._next = epoch, i + 1
-            yield xb, self.y[sel].to(self.device)
+            if with_index:
+                yield xb, self.y[sel].to(self.device), sel.to(self.device)
+            else:
+                yield xb, self.y[sel].to(self.device)
         self._epoch, self._next = epoch + 1, 0
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:

@@ -37,6 +37,9 @@ class StepState:
                  engine compute them from ``x``.
     coef:        the method-coefficient ramp value in [0, 1] for methods that ramp a coefficient
                  with eps (CROWN-IBP's beta goes ``1 - coef``); defaults to ``eps / eps_target``.
+    index:       ``[B]`` int64 dataset indices of the batch's samples (the trainer fills it;
+                 ``None`` when unknown), for methods that keep per-sample state across epochs
+                 (ACERT's warm-started radius search).
     """
     eps: float
     eps_target: float
@@ -44,6 +47,7 @@ class StepState:
     step: int = 0
     bn_stats: Optional[BNStats] = None
     coef: Optional[float] = None
+    index: Optional[Tensor] = None
 
     @property
     def ramp(self) -> float:
@@ -86,6 +90,17 @@ class Method:
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, state: StepState) -> MethodOutput:
         """``x: [B, *in]`` pixels in [0, 1], ``y: [B]`` int64 -> :class:`MethodOutput`."""
         raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        """State the method carries across steps (saved in resumable checkpoints so a resumed run
+        continues bit for bit); stateless methods return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; a stateless method accepts only ``{}``."""
+        if state:
+            raise ValueError(f"state: method {self.name!r} keeps no state, got keys "
+                             f"{sorted(state)}")
 
     @classmethod
     def hyperparameters(cls) -> Dict[str, Any]:

@@ -235,7 +235,17 @@ class Trainer:
                 "model_spec": self.model_spec, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "swa": None if self.swa is None else self.swa.state_dict(),
-                "rng": self._gather_rng()}
+                "rng": self._gather_rng(), "method": self._gather_method_state()}
+
+    def _gather_method_state(self) -> List[Dict[str, Any]]:
+        """Every rank's :meth:`Method.state_dict` (per-rank, like the RNG states: ACERT's radius
+        cache holds the samples that rank has seen)."""
+        state = self.method.state_dict()
+        if not _distributed():
+            return [state]
+        states: List[Any] = [None] * self.world
+        dist.all_gather_object(states, state)
+        return states
 
     def _resume(self) -> None:
         ckpt = load_checkpoint(self.ckpt_path, self.device)
@@ -260,6 +270,8 @@ class Trainer:
         if self.swa is not None:
             self.swa.load_state_dict(ckpt["swa"])
         set_rng_state(ckpt["rng"][self.rank])
+        if ckpt.get("method") is not None:  # older checkpoints carry no method state
+            self.method.load_state_dict(ckpt["method"][self.rank])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         if self.rank == 0 and self.metrics_path.is_file():
             # drop records of epochs after the checkpoint (written before a kill)
@@ -290,9 +302,12 @@ class Trainer:
             p.grad.copy_(flat[offset:offset + n].view_as(p))
             offset += n
 
-    def train_step(self, x: Tensor, y: Tensor, sums: Dict[str, Tensor]) -> Tensor:
+    def train_step(self, x: Tensor, y: Tensor, sums: Dict[str, Tensor],
+                   index: Optional[Tensor] = None) -> Tensor:
         """One optimiser step on this process's share ``x: [b, *in]``, ``y: [b]`` of the global
-        batch; adds detached statistics to ``sums``; returns the loss (0-dim, detached)."""
+        batch (``index: [b]`` int64 dataset indices, passed to the method as
+        ``StepState.index``); adds detached statistics to ``sums``; returns the loss (0-dim,
+        detached)."""
         cfg = self.cfg.train
         eps_t = eps_at(self.step, self.clean_steps, self.ramp_steps, cfg.eps, cfg.ramp_mid)
         coef = coef_at(cfg.coef_ramp, self.step, self.clean_steps, self.ramp_steps, eps_t,
@@ -306,9 +321,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=x.device)
         with ctx:
-            for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
+            parts = [None] * len(y) if index is None else index.split(self.micro_batch)
+            for xm, ym, im in zip(x.split(self.micro_batch), y.split(self.micro_batch), parts):
                 state = StepState(eps=eps_t, eps_target=cfg.eps, epoch=self.epoch,
-                                  step=self.step, bn_stats=stats, coef=coef)
+                                  step=self.step, bn_stats=stats, coef=coef, index=im)
                 out = self.method.loss(self.model, xm, ym, state)
                 share = len(ym) / len(y)
                 (out.loss * share).backward()
@@ -403,12 +419,13 @@ class Trainer:
         while self.epoch < cfg.train.epochs:
             t0 = time.perf_counter()
             sums: Dict[str, Any] = {}
-            bar = tqdm(self.batches.epoch(self.epoch), total=self.steps_per_epoch,
+            bar = tqdm(self.batches.epoch(self.epoch, with_index=True),
+                       total=self.steps_per_epoch,
                        desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", unit="step",
                        disable=not show, leave=False)
             lr = self.opt.param_groups[0]["lr"]
-            for i, (xb, yb) in enumerate(bar):
-                loss = self.train_step(xb, yb, sums)
+            for i, (xb, yb, ib) in enumerate(bar):
+                loss = self.train_step(xb, yb, sums, ib)
                 if show and (i % 20 == 0 or i + 1 == self.steps_per_epoch):
                     bar.set_postfix(eps=f"{self.last_eps:.4f}", loss=f"{float(loss):.3f}")
                 self._callback("on_step", self.step)
