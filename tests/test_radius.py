@@ -315,3 +315,75 @@ def test_clean_logits_replace_the_eps_zero_pass():
     torch.testing.assert_close(fast.radius, base.radius, rtol=0, atol=2e-7)
     with pytest.raises(ValueError, match="logits"):
         certified_radius(model, x, y, 0.3, logits=logits[:3])
+
+
+# ----------------------------------------------------------------------------- warm starts
+
+def _counting(monkeypatch):
+    """Count the rows every bound pass of ``certified_radius`` evaluates: ``[rows per pass]``."""
+    import adcert.radius as radius_mod
+
+    counts = []
+    orig = radius_mod.margin_function
+
+    def counted(*args, **kwargs):
+        fn = orig(*args, **kwargs)
+
+        def g(eps, rows):
+            counts.append(eps.numel())
+            return fn(eps, rows)
+        return g
+
+    monkeypatch.setattr(radius_mod, "margin_function", counted)
+    return counts
+
+
+def test_unknown_init_entries_are_searched_cold():
+    """NaN in ``init`` (no previous radius, e.g. a sample not seen yet) means the cold bracket
+    ``[0, eps_max]`` for that sample; the others start warm; all radii match a cold search."""
+    model = _relu_model(3)
+    x = torch.rand(24, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 3
+    eps_max, xtol = 0.3, 1e-7
+    cold = certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=60)
+    init = cold.radius.clone()
+    init[::2] = math.nan
+    warm = certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=60, init=init)
+    assert float((warm.radius - cold.radius).abs().max()) <= 2 * xtol
+    fn = margin_function(model, x, y)
+    pos = warm.radius > 0
+    assert bool((fn(warm.radius[pos], pos.nonzero().squeeze(1)) < 0).all())
+    assert bool((warm.radius[:3] == 0).all()) and bool((warm.upper[:3] == 0).all())
+    allnan = certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=60,
+                              init=torch.full((24,), math.nan, dtype=torch.float64))
+    torch.testing.assert_close(allnan.radius, cold.radius, rtol=0, atol=0)
+    torch.testing.assert_close(allnan.iterations, cold.iterations, rtol=0, atol=0)
+
+
+def test_warm_start_with_logits_reads_r0_from_them(monkeypatch):
+    """A warm bracket that misses on the left (misclassified, or the radius shrank below it)
+    takes R(0) from the clean logits: the extra pass evaluates only the rows that missed on the
+    right (``eps_max`` side), and the radii match a cold search."""
+    model = _relu_model(4)
+    x = torch.rand(16, 8, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    y[:4] = (y[:4] + 1) % 3                       # misclassified: a left miss for any init > 0
+    eps_max, xtol = 0.3, 1e-7
+    cold = certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=60, logits=logits)
+    r0 = 0.05 * eps_max
+    init = torch.full((16,), r0, dtype=torch.float64)
+    counts = _counting(monkeypatch)
+    warm = certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=60, init=init,
+                            init_width=0.01, sync_every=1, logits=logits)
+    fn = margin_function(model, x, y)
+    with torch.no_grad():   # R at the bracket's right end r0 + (0.01 eps_max + 0.1 r0)
+        f_hi = fn(torch.full((16,), r0 + 0.01 * eps_max + 0.1 * r0, dtype=torch.float64), None)
+    right_miss = int((f_hi < 0).sum())
+    assert 1 <= right_miss <= 12, "the test needs samples whose root is above the bracket"
+    assert counts[:3] == [16, 16, right_miss]    # no extra pass for the 4 misclassified rows
+    assert bool((warm.radius[:4] == 0).all()) and bool((warm.upper[:4] == 0).all())
+    assert float((warm.radius - cold.radius).abs().max()) <= 2 * xtol
