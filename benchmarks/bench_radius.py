@@ -7,6 +7,11 @@ Part 1 -- radius search (no gradient), in units of one IBP bound pass of the sam
                          the whole batch);
 * ``adcert-sync2``    -- the same with ``sync_every=2`` (stops early and evaluates only the
                          unconverged samples, one host sync every 2 iterations);
+* ``adcert-logits-sync1`` -- ``sync_every=1`` and ``logits=`` (``R(0)`` from the clean logits a
+                         training step already has: the fewest rows Brent can evaluate);
+* ``warm+-1%``        -- the same with ``init`` = the converged radii perturbed by 1% (what
+                         ACERT's cache gives across epochs when radii drift little), at
+                         ``init_width`` 0.05 (default) and 0.01;
 * ``naive``           -- the same Brent loop with the plain-torch reference step (about 60 small
                          ops per iteration instead of one kernel);
 * ``bisection``       -- batched bisection to the same xtol (``ceil(log2(eps_max / xtol))``
@@ -19,6 +24,14 @@ paper) against IBP at the scheduled eps, both with frozen clean BN statistics.
 
     python benchmarks/bench_radius.py [--model cnn3|cnn7] [--batch 64] [--repeats 5]
                                       [--device cpu|cuda] [--quick]
+
+The column ``rows/B`` is deterministic: the rows all bound passes of a variant evaluated, divided
+by ``B`` (a compacted pass of ``k`` rows counts ``k / B``), i.e. the cost in IBP passes when a pass
+costs in proportion to its rows. Brent's floor at this xtol: ``1`` (the ``eps_max`` pass; ``R(0)``
+comes from the logits) ``+ 2`` (one verified point on each side of the root, ``xtol`` apart) ``+``
+the evaluations needed to locate the root to ``xtol / 2`` first: ``R`` is piecewise linear with
+one kink per ReLU crossing, so a chord or secant step is only as accurate as the slope is constant
+(a few % over ``[0, eps_max]``, a fraction of ``xtol`` near the root), which leaves about 4-6.
 
 The model is randomly initialised; labels are its own predictions and ``eps_max`` is set to twice
 the median radius (printed), so most samples have an interior root. Smoke-run only on a busy CPU.
@@ -77,6 +90,31 @@ def _bisection(fn, n, eps_max, xtol, like):
     return torch.where(f0 >= 0, 0.0, torch.where(f1 < 0, eps_max, lo))
 
 
+class _RowCounter:
+    """Counts the rows of every bound pass ``certified_radius`` makes (wraps
+    ``adcert.radius.margin_function`` while active)."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def __enter__(self):
+        self.saved = radius_mod.margin_function
+
+        def counted(*args, **kwargs):
+            fn = self.saved(*args, **kwargs)
+
+            def g(eps, rows):
+                self.rows += eps.numel()
+                return fn(eps, rows)
+            return g
+
+        radius_mod.margin_function = counted
+        return self
+
+    def __exit__(self, *exc):
+        radius_mod.margin_function = self.saved
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=("cnn3", "cnn7"), default="cnn3")
@@ -93,8 +131,9 @@ def main(argv=None) -> int:
     x = torch.rand(args.batch, 3, 32, 32, device=dev)
     with torch.no_grad():
         y = model(x).argmax(1)
-        probe = certified_radius(model, x, y, 0.5, xtol=1e-4, maxiter=40, sync_every=4).radius
-    eps_max = max(2 * float(probe.median()), 1e-4)
+        logits = model(x)
+        probe = certified_radius(model, x, y, 0.5, xtol=1e-7, maxiter=60, sync_every=4).radius
+    eps_max = max(2 * float(probe.median()), 1e-6)
     xtol, maxiter = 1e-4 * eps_max, 10
     fn = margin_function(model, x, y)
     print(f"{args.model} batch {args.batch} on {dev}: eps_max = {eps_max:.3g} (2 x median radius),"
@@ -104,11 +143,17 @@ def main(argv=None) -> int:
         with torch.no_grad():
             compute_bounds(model, x, eps_max, y=y)
 
-    def run(sync_every=None):
+    def run(sync_every=None, **kw):
         def go():
             return certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=maxiter,
-                                    sync_every=sync_every)
+                                    sync_every=sync_every, **kw)
         return go
+
+    with torch.no_grad():
+        ref = certified_radius(model, x, y, eps_max, xtol=xtol, maxiter=100, sync_every=1,
+                               logits=logits).radius
+    g = torch.Generator().manual_seed(1)
+    drift = ref * (1 + 0.01 * torch.randn(args.batch, generator=g)).to(ref)
 
     def naive():
         saved = radius_mod.brent_step
@@ -124,10 +169,17 @@ def main(argv=None) -> int:
             return _bisection(fn, args.batch, eps_max, xtol, x)
 
     t_unit = _time(unit, args.repeats, dev)
-    rows = [("ibp pass (unit)", t_unit, None)]
-    for name, f in (("adcert", run()), ("adcert-sync2", run(2)), ("naive", naive),
-                    ("bisection", bisect)):
-        rows.append((name, _time(f, args.repeats, dev), f()))
+    rows = [("ibp pass (unit)", t_unit, None, 1.0)]
+    variants = (("adcert", run()), ("adcert-sync2", run(2)),
+                ("adcert-logits-sync1", run(1, logits=logits)),
+                ("warm+-1% w.05", run(1, logits=logits, init=drift)),
+                ("warm+-1% w.01", run(1, logits=logits, init=drift, init_width=0.01)),
+                ("naive", naive), ("bisection", bisect))
+    for name, f in variants:
+        with _RowCounter() as count:
+            res = f()
+        rows.append((name, _time(f, args.repeats, dev), res, count.rows / args.batch))
+    rows[-1] = rows[-1][:3] + (2 + max(0, math.ceil(math.log2(eps_max / xtol))),)
     try:
         from scipy.optimize import brentq
         k = 2 if args.quick else min(8, args.batch)
@@ -138,17 +190,19 @@ def main(argv=None) -> int:
                     return float(fn(torch.tensor([e], device=dev), torch.tensor([i], device=dev)))
             if R(0.0) < 0 and R(eps_max) >= 0:
                 brentq(R, 0.0, eps_max, xtol=xtol, maxiter=100)
-        rows.append(("scipy per sample", (time.perf_counter() - t0) * args.batch / k, None))
+        rows.append(("scipy per sample", (time.perf_counter() - t0) * args.batch / k, None,
+                     None))
     except ImportError:
         print("scipy not installed: skipping the per-sample scipy loop")
-    print(f"{'variant':18s} {'ms':>10s} {'x ibp pass':>11s}  notes")
-    for name, t, res in rows:
+    print(f"{'variant':20s} {'ms':>10s} {'x ibp pass':>11s} {'rows/B':>7s}  notes")
+    for name, t, res, units in rows:
         note = ""
         if hasattr(res, "iterations"):
             note = (f"mean iters {float(res.iterations.double().mean()):.2f}, "
                     f"converged width <= xtol: "
                     f"{float(((res.upper - res.radius) <= xtol * 1.001).double().mean()):.2f}")
-        print(f"{name:18s} {t * 1e3:10.2f} {t / t_unit:11.2f}  {note}")
+        units = "-" if units is None else f"{units:.2f}"
+        print(f"{name:20s} {t * 1e3:10.2f} {t / t_unit:11.2f} {units:>7s}  {note}")
 
     # ---- training step: ACERT (maxiter 2) vs IBP
     model.train()
