@@ -144,7 +144,7 @@ def test_acert_fast_and_certified_only_and_warm_cache():
     e = torch.where(logits.argmax(1) == y, 0.05, 0.0).double()
     want = F.cross_entropy(-_plain_ibp_margins(net, x, y, e), y)
     torch.testing.assert_close(fast.loss, want, rtol=1e-10, atol=1e-12)
-    strict = ACERT(maxiter=4, certified_only=True, reg_lambda=0.0)
+    strict = ACERT(maxiter=4, certified_only=True, reg_lambda=0.0, warm_start=True)
     idx = torch.arange(100, 110)
     strict.loss(net, x, y, state, index=idx)
     res = certified_radius(net, x, y, 0.05, xtol=1e-6, rtol=1e-4, maxiter=4)

@@ -14,7 +14,7 @@ rtol 1e-4); by default the loss uses Brent's best point (``brentq``'s answer, as
 zero-iteration variant, Appendix B) sets ``E_i = eps_max_t`` for correctly classified samples and
 0 for misclassified ones.
 
-Warm starts across epochs (``warm_start``, on by default): with dataset indices
+Warm starts across epochs (``warm_start``, off by default): with dataset indices
 (``state.index: [B]`` int64, which the trainer fills from its batch iterator, or ``loss(...,
 index=idx)``) each sample's radius is cached (as a fraction of ``eps_max_t``) and its next
 search starts from a narrow bracket around it; samples never seen before start from ``[0,
@@ -23,8 +23,8 @@ Without indices every search starts cold. Cost: a warm bracket takes two bound p
 one (a cold search reads ``R(0)`` from the clean logits) plus up to two host synchronisations,
 i.e. 4+ passes instead of 3 at ``maxiter = 2``; it buys a more accurate estimate per iteration,
 but on a small digits model early in training a cold search given the same number of passes was
-as accurate (radii drifted 10-20% of ``eps_max_t`` between epochs). ``warm_start=False`` turns
-the cache off.
+as accurate (radii drifted 10-20% of ``eps_max_t`` between epochs), so the default is the
+cheaper cold search; ``warm_start=True`` turns the cache on.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ class ACERT(Method):
 
     def __init__(self, kappa: float = 0.0, maxiter: int = 2, xtol: float = 1e-6,
                  rtol: float = 1e-4, certified_only: bool = False, reg_lambda: float = 0.5,
-                 reg_tau: float = 0.5, fast: bool = False, warm_start: bool = True):
+                 reg_tau: float = 0.5, fast: bool = False, warm_start: bool = False):
         _check_hparams(self.name, kappa, maxiter, xtol, rtol, reg_lambda, reg_tau)
         self.kappa, self.maxiter = float(kappa), int(maxiter)
         self.xtol, self.rtol = float(xtol), float(rtol)
