@@ -5,6 +5,8 @@
   ``"alpha-crown"`` (:mod:`adcert.bounds.crown`; ``sound=True``: :mod:`adcert.bounds.crown_sound`).
 * :func:`clean_bn_stats` -- frozen clean-batch statistics of the training-mode batch norms, to be
   reused across the attack and bound passes of one training step (DESIGN.md section 5).
+* :func:`crown_ibp_ce_upper` -- CROWN-IBP loss fusion: a per-sample upper bound of the CE loss
+  over the box with one backward row per sample (:mod:`adcert.bounds.loss_fusion`).
 * The engine: :func:`get_plan` / :class:`LayerPlan` (a model compiled once to fused steps),
   :func:`ibp_forward` over a plan, :func:`input_box`, and the margin specification helpers.
 """
@@ -12,6 +14,7 @@ from adcert.bounds.api import METHODS, PLANNED_METHODS, BoundRequest, compute_bo
 from adcert.bounds.forward import clean_bn_stats, clean_forward, resolve_bn_stats
 from adcert.bounds.ibp import IBP_RULES, ibp_forward, ibp_steps
 from adcert.bounds.inputs import input_box
+from adcert.bounds.loss_fusion import crown_ibp_ce_upper
 from adcert.bounds.plan import (
     SUPPORTED_MODULES, AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan,
     NormalizeStep, ReluStep, ReshapeStep, ResidualStep, build_plan, get_plan, iter_steps,
@@ -25,4 +28,5 @@ __all__ = [
     "NormalizeStep", "ReluStep", "FlattenStep", "AvgPoolStep", "ReshapeStep", "ResidualStep",
     "iter_steps", "SUPPORTED_MODULES", "METHODS", "PLANNED_METHODS",
     "fold_margin_spec", "margin_lower_folded", "margin_lower_from_logits",
+    "crown_ibp_ce_upper",
 ]
