@@ -1,0 +1,62 @@
+"""Smoke tests of the stand-alone benchmark scripts in their ``--quick`` modes: each runs end to
+end on CPU, exits 0 and writes what it documents. The numbers are not a measurement at these
+sizes; what is checked is that the comparison paths agree (the bound benchmark's plain-torch
+reference must produce the same bounds as adcert) and that the radius benchmark's rows are
+counted consistently."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_bench_bounds_quick_reference_agrees(tmp_path):
+    out = tmp_path / "bounds.json"
+    _run("bench_bounds.py", "--quick", "--device", "cpu", "--variants", "adcert,reference",
+         "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["device"]["name"]
+    methods = {r["method"] for r in res["results"]}
+    assert {"ibp", "crown-ibp", "crown", "alpha-crown"} <= methods
+    for row in res["results"]:
+        ref = row["variants"].get("reference")
+        if row["mode"] == "fwd":
+            assert ref is not None, row["method"]
+            assert ref["max_rel_diff"] <= 1e-3, (row["method"], ref["max_rel_diff"])
+        for v in row["variants"].values():
+            assert math.isfinite(v["median_ms"]) and v["median_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_radius_quick_prints_every_strategy():
+    proc = _run("bench_radius.py", "--quick", "--model", "cnn3")
+    for name in ("ibp pass (unit)", "adcert", "naive", "bisection"):
+        assert name in proc.stdout, name
+
+
+@pytest.mark.slow
+def test_bench_certify_small_writes_stage_rates(tmp_path):
+    out = tmp_path / "certify.json"
+    _run("bench_certify.py", "--batch", "2", "--repeats", "1", "--width", "4",
+         "--stages", "clean,ibp", "--out", str(out))
+    res = json.loads(out.read_text())
+    assert [s["stage"] for s in res["stages"]] == ["clean", "ibp"]
+    assert res["unavailable"] == {}
+    for s in res["stages"]:
+        assert s["samples_per_s"] > 0 and len(s["times_s"]) == 1
