@@ -76,7 +76,8 @@ def shard_from_env() -> Optional[Tuple[int, int]]:
     return None
 
 
-def _check_inputs(model, x, y, eps, stages) -> Tuple[Tensor, Tensor, List[str]]:
+def _check_inputs(model, x, y, eps, stages
+                  ) -> Tuple[Tensor, Tensor, List[str], Dict[str, Any]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or x.dim() < 2:
@@ -94,14 +95,22 @@ def _check_inputs(model, x, y, eps, stages) -> Tuple[Tensor, Tensor, List[str]]:
         raise ValueError(f"x: expected float pixels in [0, 1] or uint8, got {x.dtype}")
     if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
         raise ValueError("x: expected pixels in [0, 1]")
-    names = [s.strip().lower() for s in stages if s.strip()]
-    bad = [s for s in names if s not in STAGE_NAMES or s == "clean"]
+    objs = {}  # stage objects given instead of names (e.g. adcert.certify.abcrown's stage)
+    for s in stages:
+        if not isinstance(s, str):
+            if not all(hasattr(s, a) for a in ("name", "unavailable", "run")):
+                raise ValueError(f"stages: expected stage names or stage objects (name, "
+                                 f"unavailable, run), got {type(s).__name__}")
+            objs[s.name] = s
+    names = [s.strip().lower() if isinstance(s, str) else s.name for s in stages
+             if not isinstance(s, str) or s.strip()]
+    bad = [s for s in names if (s not in STAGE_NAMES and s not in objs) or s == "clean"]
     if bad:
         raise ValueError(f"stages: unknown stage(s) {bad}; choose from "
                          f"{', '.join(STAGE_NAMES[1:])} ('clean' always runs first)")
     if len(set(names)) != len(names):
         raise ValueError(f"stages: each stage at most once, got {names}")
-    return x, y.long(), names
+    return x, y.long(), names, objs
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
@@ -134,7 +143,9 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
             (fp32/fp64 for sound bounds).
         x: ``[N, *in]`` pixels in [0, 1] (float) or uint8; ``y``: ``[N]`` labels.
         eps: the radius (pixel space).
-        stages: the stages after ``clean``, in order (names in :data:`STAGE_NAMES`).
+        stages: the stages after ``clean``, in order (names in :data:`STAGE_NAMES`, or stage
+            objects with ``name``, ``unavailable`` and ``run``, e.g.
+            :class:`adcert.certify.abcrown.AbcrownStage`).
         out_dir: the journal directory (``None``: no journal, nothing resumable).
         shard: ``(i, n)``: this call handles global indices ``k`` with ``k % n == i``.
         indices: the global index of each row of ``x`` (default ``0..N-1``).
@@ -154,7 +165,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     Returns a :class:`CertifyResult`. Raises :class:`JournalMismatch` when ``out_dir`` holds a
     journal of this shard written with a different eps, stages, sample count or soundness.
     """
-    x, y, names = _check_inputs(model, x, y, eps, stages)
+    x, y, names, given = _check_inputs(model, x, y, eps, stages)
     i_shard, n_shards = parse_shard(f"{shard[0]}/{shard[1]}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -194,6 +205,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     todo = [p for p in mine if index[p] not in done]
 
     stage_objs = [make_stage("clean", num_classes)] + [
+        given[n] if n in given else
         make_stage(n, num_classes, sound=sound, timeout=timeout, options=stage_options)
         for n in names]
     radius_stage = RadiusStage(sound=sound, **radius) if radius else None
@@ -248,6 +260,9 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                     s = state[local]
                     s["stage_times"][st.name] = share
                     s["values"][st.name] = res.values[j]
+                    extra = getattr(res, "extra", None)  # optional per-sample JSON-able info
+                    if extra and extra[j] is not None:
+                        s.setdefault("extra", {})[st.name] = extra[j]
                     if res.verdicts[j] is None:
                         still.append(local)
                         continue
@@ -277,7 +292,7 @@ def _finish(journal, index: int, label: int, s: Dict[str, Any], skipped: List[st
            "stage": stage, "margin": s["values"].get(stage) if stage else None,
            "values": s["values"], "stage_times": s["stage_times"],
            "time": sum(s["stage_times"].values()), "skipped": skipped}
-    for key in ("adv", "radius"):
+    for key in ("adv", "radius", "extra"):
         if key in s:
             rec[key] = s[key]
     if journal is not None:
