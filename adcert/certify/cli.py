@@ -4,13 +4,15 @@
                    [--stages autoattack,ibp,crown,alpha-crown] [--timeout S] [--shard i/n]
                    [--out DIR] [--batch-size B] [--dtype float32|float64] [--device DEV]
                    [--skip-unavailable] [--trust-pickle]
+                   [--verifier ours|abcrown] [--abcrown PATH] [--abcrown-config YAML]
     adcert certify report DIR [DIR ...] [--json PATH]
 
 Each shard appends to ``DIR/journal-<i>-of-<n>.jsonl``; rerunning the same command resumes (done
 samples are skipped). Under ``torchrun`` without ``--shard``, each rank certifies shard
 ``RANK/WORLD_SIZE`` (no process group is needed). ``report`` prints the merged table and writes
 the JSON summary (default ``DIR/report.json`` of the first DIR). Exit status 2 on bad input,
-3 when a requested stage is unavailable (see ``--skip-unavailable``).
+3 when a requested stage is unavailable (see ``--skip-unavailable``) or alpha,beta-CROWN
+fails (``--verifier abcrown``).
 """
 from __future__ import annotations
 
@@ -57,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave out stages that cannot run (recorded) instead of failing")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled nn.Module (runs code from the file)")
+    p.add_argument("--verifier", choices=("ours", "abcrown"), default="ours",
+                   help="'abcrown': after the clean check, run the official alpha,beta-CROWN on "
+                        "every sample instead of --stages (--timeout per sample, default 30 s)")
+    p.add_argument("--abcrown", default=None, help="alpha,beta-CROWN's complete_verifier/"
+                   "abcrown.py (default $ADCERT_ABCROWN)")
+    p.add_argument("--abcrown-config", default=None, help="a YAML file of abcrown settings "
+                   "merged into the generated config (e.g. 'attack: {pgd_order: after}')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +84,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))
+        meta, abcrown = {"checkpoint": str(args.checkpoint), "dataset": args.dataset}, None
+        if args.verifier == "abcrown":  # found (or a clear error) before any work
+            from adcert.certify.abcrown import AbcrownStage
+
+            work = pathlib.Path(args.out) / f"abcrown-{shard[0]}-of-{shard[1]}"
+            abcrown = AbcrownStage(args.abcrown, timeout=args.timeout or 30.0,
+                                   device=args.device, workdir=work,
+                                   config=_abcrown_overrides(args.abcrown_config))
+            meta["abcrown"] = str(abcrown.script)
         model = load_model(args.checkpoint, args.device, trust_pickle=args.trust_pickle)
         model = model.to(getattr(torch, args.dtype))
         from adcert.data import load_dataset, subset
@@ -82,12 +100,18 @@ def run(args: argparse.Namespace) -> int:
         x, y = load_dataset(args.dataset, "test", args.data_dir)
         x, y = subset(x, y, args.n)
         stages = [s for s in args.stages.split(",") if s.strip()]
+        if abcrown is not None:
+            stages = [abcrown]
         res = certify(model, x, y, args.eps, stages=stages, out_dir=args.out, shard=shard,
                       batch_size=args.batch_size, timeout=args.timeout,
-                      skip_unavailable=args.skip_unavailable,
-                      meta={"checkpoint": str(args.checkpoint), "dataset": args.dataset},
+                      skip_unavailable=args.skip_unavailable, meta=meta,
                       log=lambda s: print(s, file=sys.stderr))
     except StageUnavailable as err:
+        print(f"adcert certify: {err}", file=sys.stderr)
+        return 3
+    except RuntimeError as err:  # AbcrownError: the external verifier failed
+        if type(err).__name__ != "AbcrownError":
+            raise
         print(f"adcert certify: {err}", file=sys.stderr)
         return 3
     except (ModelFileError, JournalMismatch, ValueError, FileNotFoundError) as err:
@@ -97,6 +121,22 @@ def run(args: argparse.Namespace) -> int:
           f"{len(res.records)} in the journal {res.journal}")
     print(format_table(report([args.out])))
     return 0
+
+
+def _abcrown_overrides(path):
+    """The ``--abcrown-config`` YAML as a dict (``None``: no overrides)."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(pathlib.Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"--abcrown-config {path}: cannot read it ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--abcrown-config {path}: expected a YAML mapping of abcrown "
+                         f"settings, got {type(data).__name__}")
+    return data
 
 
 def run_report(args: argparse.Namespace) -> int:
