@@ -7,6 +7,16 @@ maximises the sum of the lower bounds; slopes are clipped to ``[0, 1]`` after ev
 slope in ``[0, 1]`` gives a valid bound, so every iterate is sound). The best bound of every
 ``(sample, row)`` over the iterations is kept ("keep-best"), with the slopes that produced it.
 
+beta-CROWN (option ``beta=True``, only meaningful with ``splits``): a domain of branch-and-bound
+fixes the signs of some ReLU inputs, ``s_j z_j >= 0`` (``s_j = +1`` active, ``-1`` inactive). For
+any ``beta_j >= 0``, ``min c.f(x)`` over the box points satisfying the splits is at least the min
+of the Lagrangian ``c.f(x) - sum_j beta_j s_j z_j(x)``, which the backward relaxation bounds with
+``-beta_j s_j`` added to the coefficient of ``z_j`` (:func:`backward_lower`'s ``betas``). One
+multiplier per split neuron AND per specification row, ``[B, S, *shape_k]``, initialised to 0 (so
+iteration 0 is the clamp-only bound), optimised jointly with the slopes by the same Adam
+(learning rate ``lr_beta``) and projected to ``>= 0`` after every step; keep-best keeps the
+multipliers with the slopes. The split clamps of the intermediate boxes stay (still valid).
+
 The intermediate (ReLU input) bounds are given and fixed; the optimisation runs under
 ``enable_grad`` for the slopes only (the parameters and boxes must be detached), and the result
 is detached.
@@ -16,7 +26,8 @@ Options: ``iterations`` (int >= 0, default 20: Adam steps), ``lr`` (float > 0, d
 ``patience`` (int >= 1, default 5) and ``tol`` (float >= 0, default 1e-4): stop early once the
 summed best bound has improved by at most ``tol * (1 + |sum|)`` for ``patience`` consecutive
 iterations. Early stopping reads one scalar per iteration (a host synchronisation; this is a
-certification tool, not a training hot loop).
+certification tool, not a training hot loop). ``beta`` (bool, default False) and ``lr_beta``
+(float > 0, default 0.05): the split multipliers above.
 """
 from __future__ import annotations
 
@@ -30,7 +41,8 @@ from adcert.bounds.linear_relax import Lowered, adaptive_alpha, backward_lower
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
 
-DEFAULTS = dict(iterations=20, lr=0.1, lr_decay=0.98, patience=5, tol=1e-4)
+DEFAULTS = dict(iterations=20, lr=0.1, lr_decay=0.98, patience=5, tol=1e-4, beta=False,
+                lr_beta=0.05)
 
 
 def alpha_options(opts: dict) -> dict:
@@ -41,13 +53,15 @@ def alpha_options(opts: dict) -> dict:
         low = 0 if name == "iterations" else 1
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+    if not isinstance(out["beta"], bool):
+        raise ValueError(f"beta: expected a bool, got {out['beta']!r}")
     for name, lo, hi in (("lr", 0.0, float("inf")), ("tol", None, float("inf")),
-                         ("lr_decay", 0.0, 1.0)):
+                         ("lr_decay", 0.0, 1.0), ("lr_beta", 0.0, float("inf"))):
         v = out[name]
         ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and \
             (v > lo if lo is not None else v >= 0) and v <= hi
         if not ok:
-            want = {"lr": "> 0", "tol": ">= 0", "lr_decay": "in (0, 1]"}[name]
+            want = {"lr": "> 0", "tol": ">= 0", "lr_decay": "in (0, 1]", "lr_beta": "> 0"}[name]
             raise ValueError(f"{name}: expected a float {want}, got {v!r}")
     return out
 
@@ -61,33 +75,78 @@ def init_alphas(boxes: List[Box], S: int) -> Dict[int, Tensor]:
     return alphas
 
 
+def init_betas(splits: Optional[Dict[int, Tensor]], S: int, dtype) -> Dict[int, Tensor]:
+    """Zero multipliers ``[B, S, *shape]`` for every ReLU with a split neuron (``splits[k]:
+    [B, *shape]`` of -1/0/+1)."""
+    betas = {}
+    for k, s in (splits or {}).items():
+        if bool((s != 0).any()):
+            betas[k] = torch.zeros((s.shape[0], S) + tuple(s.shape[1:]), dtype=dtype,
+                                   device=s.device)
+    return betas
+
+
+def signed_betas(betas: Optional[Dict[int, Tensor]], splits: Optional[Dict[int, Tensor]]
+                 ) -> Optional[Dict[int, Tensor]]:
+    """``{k: max(beta, 0) * s}`` (``[B, S, *shape]``) for :func:`backward_lower`'s ``betas``: the
+    projection to ``beta >= 0`` and the split signs ``s = sign(splits[k]): [B, *shape]`` (0
+    where not split, so a multiplier on an unsplit neuron is dropped). ``None`` when there is
+    nothing to add. Every value it returns is a valid multiplier (the sound path relies on it)."""
+    if not betas or splits is None:
+        return None
+    out = {k: b.clamp(min=0) * splits[k].sign().to(b.dtype).unsqueeze(1)
+           for k, b in betas.items() if k in splits}
+    return out or None
+
+
 def optimize_alpha(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Tensor,
                    boxes: List[Box], opts: dict,
                    ) -> Tuple[Tensor, Dict[int, Tensor]]:
     """Best lower bounds ``[B, S]`` of ``spec . h_end`` (``spec: [B, S, *shape of h_end]``) over
-    the slopes, and the best slopes ``{relu_index: [B, S, *shape]}``."""
+    the slopes (and the split multipliers with ``opts["beta"]``), and the best slopes
+    ``{relu_index: [B, S, *shape]}``; see :func:`optimize_alpha_beta`."""
+    best, alphas, _ = optimize_alpha_beta(low, end, spec, mu, r, boxes, opts)
+    return best, alphas
+
+
+def optimize_alpha_beta(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Tensor,
+                        boxes: List[Box], opts: dict,
+                        ) -> Tuple[Tensor, Dict[int, Tensor], Dict[int, Tensor]]:
+    """Best lower bounds ``[B, S]`` of ``spec . h_end`` (``spec: [B, S, *shape of h_end]``) over
+    the slopes and, with ``opts["beta"]`` and ``opts["splits"]`` (``{k: [B, *shape_k]}``), the
+    split multipliers; returns the best slopes and the best (unsigned, ``>= 0``) multipliers,
+    each ``{relu_index: [B, S, *shape]}`` (the latter empty without ``beta``). Pass the
+    multipliers through :func:`signed_betas` to evaluate them."""
     o = alpha_options(opts)
     spec, mu, r = spec.detach(), mu.detach(), r.detach()
     boxes = [(lo.detach(), up.detach()) for lo, up in boxes]
     S = spec.shape[1]
     alphas = init_alphas(boxes, S)
+    splits = opts.get("splits") if o["beta"] else None
+    betas = init_betas(splits, S, spec.dtype)
     best_alpha = {k: a.clone() for k, a in alphas.items()}
+    best_beta = {k: b.clone() for k, b in betas.items()}
     best: Optional[Tensor] = None
     stale, prev = 0, None
     with torch.enable_grad():
         params = [a.requires_grad_() for a in alphas.values()]
-        opt = torch.optim.Adam(params, lr=o["lr"]) if params else None
+        beta_params = [b.requires_grad_() for b in betas.values()]
+        groups = ([{"params": params, "lr": o["lr"]}] if params else []) + \
+            ([{"params": beta_params, "lr": o["lr_beta"]}] if beta_params else [])
+        opt = torch.optim.Adam(groups) if groups else None
         for it in range(o["iterations"] + 1):
-            lb = backward_lower(low, end, spec, mu, r, boxes, alphas)
+            lb = backward_lower(low, end, spec, mu, r, boxes, alphas,
+                                signed_betas(betas, splits))
             with torch.no_grad():
                 if best is None:
                     best = lb.detach().clone()
                 else:
                     better = lb > best
                     best = torch.where(better, lb.detach(), best)
-                    for k, a in alphas.items():
-                        m = better.reshape(better.shape + (1,) * (a.dim() - 2))
-                        best_alpha[k] = torch.where(m, a.detach(), best_alpha[k])
+                    for cur, keep in ((alphas, best_alpha), (betas, best_beta)):
+                        for k, a in cur.items():
+                            m = better.reshape(better.shape + (1,) * (a.dim() - 2))
+                            keep[k] = torch.where(m, a.detach(), keep[k])
             if it == o["iterations"] or opt is None or not lb.requires_grad:
                 break
             total = float(best.sum())
@@ -106,4 +165,6 @@ def optimize_alpha(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Tensor,
             with torch.no_grad():
                 for a in params:
                     a.clamp_(0.0, 1.0)
-    return best, best_alpha
+                for b in beta_params:
+                    b.clamp_(min=0.0)
+    return best, best_alpha, best_beta

@@ -30,8 +30,8 @@ Options (unknown ones raise ``TypeError``):
   active: input lower bound clamped to >= 0), ``-1`` (forced inactive: upper bound clamped to
   <= 0) or ``0``; the bound then holds on that sub-domain of the box (branch-and-bound).
 * alpha-crown: ``iterations`` (20), ``lr`` (0.1), ``lr_decay`` (0.98), ``patience`` (5),
-  ``tol`` (1e-4), see
-  :func:`adcert.bounds.alpha_crown.optimize_alpha`.
+  ``tol`` (1e-4), ``beta`` (False: with ``splits``, also optimise beta-CROWN split multipliers)
+  and ``lr_beta`` (0.05), see :func:`adcert.bounds.alpha_crown.optimize_alpha_beta`.
 
 ``sound=True`` switches to the floating-point-rigorous twin in :mod:`adcert.bounds.crown_sound`.
 """
@@ -54,7 +54,8 @@ Box = Tuple[Tensor, Tensor]
 
 COMMON_OPTIONS = ("splits",)
 CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements",)
-ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol")
+ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol", "beta",
+                                 "lr_beta")
 DEFAULT_MAX_SPEC_ELEMENTS = 2 ** 25
 
 

@@ -36,7 +36,8 @@ every update of the running constant is rounded down with ``nextafter(., -inf)``
 TF32 (CUDA matmul and cuDNN), reduced-precision fp32 matmul and oneDNN (mkldnn, which may use
 Winograd convolutions) are disabled while a sound bound is computed; the remaining kernels sum
 products in some order, which ``gamma_k`` covers. Only float32 and float64 are accepted.
-alpha-CROWN optimises its slopes without the error terms, then evaluates the best slopes soundly.
+alpha-CROWN optimises its slopes (and, with ``beta``, its split multipliers) without the error
+terms, then evaluates the best ones soundly.
 The sound result is detached from the parameters for every method (certification only).
 """
 from __future__ import annotations
@@ -166,12 +167,15 @@ def _mag(box: Box) -> Tensor:
 
 
 def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box],
-                   alphas=None, *, out_boxes: Dict[int, Box]) -> Tensor:
+                   alphas=None, betas=None, *, out_boxes: Dict[int, Box]) -> Tensor:
     """The rigorous twin of :func:`adcert.bounds.linear_relax.backward_lower` (same arguments;
     ``out_boxes`` from :func:`sound_ibp`; the input box is ``out_boxes[-1]``, ``mu, r`` unused).
 
     Coefficients meeting at a fork are summed with one rounded addition each, charged
-    ``gamma_1 |sum| . m`` (``m`` from the fork's box)."""
+    ``gamma_1 |sum| . m`` (``m`` from the fork's box). The split multipliers ``betas`` (signed,
+    ``beta_j s_j``; the exact term of the bounded Lagrangian) are subtracted from a ReLU's input
+    coefficients with one rounded subtraction per entry, ``T = fl(A' - beta s)``, charged the
+    same way: ``gamma_1 |T| . m_z`` (``m_z`` from the ReLU's input box)."""
     dtype = A.dtype
     tiny = torch.finfo(dtype).tiny
     u_r = unit_roundoff(dtype)
@@ -216,6 +220,10 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
             c = _abs_sum(terms)
             err = 2 * (gamma(2, dtype) * _abs_sum(A_new.abs() * m_h)
                        + gamma(n + 1, dtype) * _abs_sum(terms.abs())) + 2 * n * tiny
+            beta = None if betas is None else betas.get(op.index)
+            if beta is not None:  # one rounding per entry: |E| <= gamma_1 |T|
+                A_new = A_new - beta
+                err = err + 2 * gamma(1, dtype) * _abs_sum(A_new.abs() * m_h) + 2 * n * tiny
         elif op.kind == "reshape":
             A_new, c, err = op.backward(A), None, None
         elif op.kind == "pool":  # A P: t-term sums of A * (1 / count), P >= 0
@@ -279,11 +287,12 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
             boxes = cr.crown_intermediate(low, mu, r, ibp_relu, splits,
                                           opts["max_spec_elements"], backward)
         end = len(low.ops)
-        alphas = None
+        alphas = betas = None
         if method == "alpha-crown":
-            from adcert.bounds.alpha_crown import optimize_alpha
-            _, alphas = optimize_alpha(low, end, spec, mu, r, boxes, opts)
-        lb = backward(low, end, spec, mu, r, boxes, alphas)
+            from adcert.bounds.alpha_crown import optimize_alpha_beta, signed_betas
+            _, alphas, betas = optimize_alpha_beta(low, end, spec, mu, r, boxes, opts)
+            betas = signed_betas(betas, splits)
+        lb = backward(low, end, spec, mu, r, boxes, alphas, betas)
         if method != "crown-ibp":
             lb = torch.maximum(lb, sound_concretize(spec, *outs[len(low.ops) - 1]))
     if request.relu_bounds is not None:

@@ -396,12 +396,20 @@ def _accumulate(pending: dict, j: int, A: Tensor) -> None:
 
 def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
                    relu_box: Sequence[Optional[Tuple[Tensor, Tensor]]],
-                   alphas: Optional[dict] = None) -> Tensor:
+                   alphas: Optional[dict] = None, betas: Optional[dict] = None,
+                   relu_coefs: Optional[dict] = None) -> Tensor:
     """Lower bounds ``[B, S]`` of ``A . h_end`` over the input box, where ``h_end`` is the output
     of ``low.ops[end - 1]`` (``end = 0``: the input) and ``A: [B, S, *shape of h_end]``.
 
     ``relu_box[k]``: ``(lower, upper)`` of ReLU ``k``'s input (``[B, *shape]``); ``alphas``:
-    optional ``{k: [B, S, *shape]}`` lower slopes (default: adaptive). The ops are visited in
+    optional ``{k: [B, S, *shape]}`` lower slopes (default: adaptive). ``betas``: optional
+    split multipliers ``{k: [B, S, *shape]}`` holding ``beta_j s_j`` (``beta_j >= 0``, ``s_j``
+    the split sign of ReLU ``k``'s neuron ``j``, 0 where not split, see
+    :func:`adcert.bounds.alpha_crown.signed_betas`): ``-beta_j s_j`` is added to the coefficient
+    of the ReLU's input ``z_j``, so the result bounds ``A . h_end - sum_j beta_j s_j z_j``, which
+    is <= ``A . h_end`` wherever every split holds (``s_j z_j >= 0``; beta-CROWN).
+    ``relu_coefs``: a dict that receives ``{k: [B, S, *shape]}``, the coefficients reaching
+    every ReLU's OUTPUT (for branching heuristics). The ops are visited in
     reverse topological order; at a residual join (:class:`AddOp`) ``A`` goes unchanged into
     every branch and the coefficients meeting at a fork are summed. Exact in real arithmetic;
     :mod:`adcert.bounds.crown_sound` has the floating-point-rigorous twin."""
@@ -418,8 +426,13 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
             continue
         if isinstance(op, ReluOp):
             lo, up = relu_box[op.index]
+            if relu_coefs is not None:
+                relu_coefs[op.index] = A
             alpha = None if alphas is None else alphas.get(op.index)
             A_new, c, _ = relu_backward(A, lo, up, alpha)
+            beta = None if betas is None else betas.get(op.index)
+            if beta is not None:
+                A_new = A_new - beta
         else:
             A_new = op.backward(A)
             c = op.bias_term(A)
