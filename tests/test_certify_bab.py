@@ -133,3 +133,22 @@ def test_registered_and_bad_arguments_name_the_argument():
                      (dict(restarts=0), "attack_every, pgd_steps, restarts")):
         with pytest.raises(ValueError, match=f"^{name}:"):
             ReluSplitBaB(**kw)
+
+
+def test_beta_and_branching_options_reach_the_stage_and_stats_are_recorded():
+    st = make_stage("bab-relu", 3, options={"bab-relu": {
+        "method": "alpha-crown", "beta": False, "branching": "width",
+        "bound_options": {"iterations": 5}}})
+    assert not st.beta and st.branching == "width" and st.bound_options == {"iterations": 5}
+    st = make_stage("bab-relu", 3, options={"bab-relu": {"method": "alpha-crown"}})
+    assert st.beta and st.branching == "babsr" and st.bound_options["lr_beta"] > 0
+    net = mlp()
+    x, y = points(net, n=2)
+    out = ReluSplitBaB(sound=True, method="alpha-crown", timeout=2).run(net, x, y, EPS)
+    assert len(st.last_stats) == 0 and len(out.verdicts) == 2
+    st.timeout = 2
+    out = st.run(net, x, y, EPS)
+    assert [s["verdict"] for s in st.last_stats] == \
+        [v if v is not None else "unknown" for v in out.verdicts]
+    for s in st.last_stats:
+        assert s["domains"] >= 1 and s["rounds"] >= 0 and s["seconds"] >= 0
