@@ -64,3 +64,53 @@ def test_run_quick_writes_json(tmp_path):
         if name != "clean":
             assert _positive(m["ratio"][name]) and _positive(m["ratio_paired"][name])
     assert m["floor"] == 2.0 and m["target"] == 2.2
+
+
+@pytest.mark.slow
+def test_bench_loss_fusion_quick_writes_json(tmp_path):
+    """``benchmarks/bench_loss_fusion.py --quick``: fused vs unfused CROWN-IBP loss, both modes,
+    positive times and memory, the side-by-side ratio, and the two loss values recorded."""
+    out = tmp_path / "loss_fusion.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_loss_fusion.py"),
+                           "--quick", "--device", "cpu", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    for key in ("timestamp_utc", "device", "versions", "config", "memory_method", "results",
+                "errors"):
+        assert key in res, key
+    assert res["errors"] == [] and res["config"]["quick"] is True
+    assert {(r["mode"], r["batch"]) for r in res["results"]} == {("fwd", 2), ("fwdbwd", 2)}
+    for r in res["results"]:
+        assert set(r["variants"]) == {"unfused", "fused"}
+        for v in r["variants"].values():
+            for k in STATS:
+                assert _positive(v[k]), (r["mode"], k, v[k])
+            assert v["p20_ms"] <= v["median_ms"] <= v["p80_ms"]
+            assert isinstance(v["peak_mem_bytes"], int) and v["peak_mem_bytes"] >= 0
+            assert math.isfinite(v["loss"]) and v["loss"] > 0
+        assert _positive(r["ratio"])
+
+
+@pytest.mark.slow
+def test_bench_bab_quick_writes_json(tmp_path):
+    """``benchmarks/bench_bab.py --quick``: both variants run on every selected instance, the
+    counts add up, and no instance is certified by one variant and attacked by the other."""
+    out = tmp_path / "bab.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_bab.py"), "--quick",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, \
+        f"bench_bab.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    n = res["config"]["instances"]
+    assert n >= 1 and res["config"]["quick"] is True and res["conflicts"] == []
+    assert set(res["variants"]) == {"clamp-only", "beta"}
+    for v in res["variants"].values():
+        assert len(v["per_instance"]) == n
+        assert v["solved"] == v["certified"] + v["attacked"] and v["solved"] + v["unknown"] == n
+        assert all(r["domains"] >= 1 and r["seconds"] >= 0 for r in v["per_instance"])
