@@ -28,6 +28,19 @@ summed best bound has improved by at most ``tol * (1 + |sum|)`` for ``patience``
 iterations. Early stopping reads one scalar per iteration (a host synchronisation; this is a
 certification tool, not a training hot loop). ``beta`` (bool, default False) and ``lr_beta``
 (float > 0, default 0.05): the split multipliers above.
+
+Warm start (branch-and-bound children start from their parent's optimum): ``init_alphas`` and
+``init_betas`` (``{relu_index: [B, S, *shape_k]}``, the dtype and device of the bounds; missing
+keys keep the default start) replace the initial slopes / multipliers. They are projected first
+(slopes clamped to ``[0, 1]``, multipliers to ``>= 0``: every such value gives a valid bound, so a
+warm start can never make a bound unsound), and iteration 0 evaluates them, so keep-best returns
+a bound at least as good as the warm start's. A slope only matters on a neuron unstable in THIS
+call's boxes (a neuron that became stable ignores it) and a multiplier only on a split neuron
+(``init_betas`` is ignored without ``beta``, and for layers without any split). ``S`` is the
+number of specification rows: with ``y`` the ``C`` margin rows (the ``y`` row included), with
+``C: [B, S', C_out]`` the ``2 S'`` rows ``[C; -C]``, else ``2 x`` the output size.
+``alpha_out`` (a dict) receives ``{"alphas": ..., "betas": ...}``: the best slopes and (unsigned)
+multipliers, detached, in the same format (``betas`` only for layers with a split).
 """
 from __future__ import annotations
 
@@ -73,6 +86,33 @@ def init_alphas(boxes: List[Box], S: int) -> Dict[int, Tensor]:
         a = adaptive_alpha(lo, up).unsqueeze(1)
         alphas[k] = a.expand((a.shape[0], S) + tuple(a.shape[2:])).clone()
     return alphas
+
+
+def check_init(name: str, init, boxes: List[Box], S: int, dtype, device
+               ) -> Dict[int, Tensor]:
+    """Validate ``opts[name]`` (``init_alphas`` / ``init_betas``): ``None`` (-> ``{}``) or a
+    dict ``{relu_index: tensor [B, S, *shape_k]}`` with the bounds' dtype and device."""
+    if init is None:
+        return {}
+    if not isinstance(init, dict):
+        raise TypeError(f"{name}: expected a dict {{relu_index: tensor [B, S, *relu shape]}}, "
+                        f"got {type(init).__name__}")
+    n = len(boxes)
+    for k, t in init.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+            raise ValueError(f"{name}: keys must be ReLU indices in [0, {n}), got {k!r}")
+        lo = boxes[k][0]
+        shape = (lo.shape[0], S) + tuple(lo.shape[1:])
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: entry {k} must be a torch.Tensor of shape {shape}, got "
+                            f"{type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: entry {k} must have shape [B, S, *relu shape] = {shape} "
+                             f"(S = {S} specification rows), got {tuple(t.shape)}")
+        if t.dtype != dtype or t.device != device:
+            raise TypeError(f"{name}: entry {k} must have dtype {dtype} on {device} (those of the "
+                            f"bounds), got {t.dtype} on {t.device}")
+    return init
 
 
 def init_betas(splits: Optional[Dict[int, Tensor]], S: int, dtype) -> Dict[int, Tensor]:
@@ -121,9 +161,21 @@ def optimize_alpha_beta(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Ten
     spec, mu, r = spec.detach(), mu.detach(), r.detach()
     boxes = [(lo.detach(), up.detach()) for lo, up in boxes]
     S = spec.shape[1]
+    warm_a = check_init("init_alphas", opts.get("init_alphas"), boxes, S, spec.dtype,
+                        spec.device)
+    warm_b = check_init("init_betas", opts.get("init_betas"), boxes, S, spec.dtype, spec.device)
+    out = opts.get("alpha_out")
+    if out is not None and not isinstance(out, dict):
+        raise TypeError(f"alpha_out: expected a dict to receive the best slopes and multipliers, "
+                        f"got {type(out).__name__}")
     alphas = init_alphas(boxes, S)
+    for k, a in warm_a.items():  # projected: any slope in [0, 1] is valid
+        alphas[k] = a.detach().clamp(0.0, 1.0).clone()
     splits = opts.get("splits") if o["beta"] else None
     betas = init_betas(splits, S, spec.dtype)
+    for k, b in warm_b.items():  # projected: any multiplier >= 0 is valid
+        if k in betas:
+            betas[k] = b.detach().clamp(min=0.0).clone()
     best_alpha = {k: a.clone() for k, a in alphas.items()}
     best_beta = {k: b.clone() for k, b in betas.items()}
     best: Optional[Tensor] = None
@@ -167,4 +219,6 @@ def optimize_alpha_beta(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Ten
                     a.clamp_(0.0, 1.0)
                 for b in beta_params:
                     b.clamp_(min=0.0)
+    if out is not None:
+        out["alphas"], out["betas"] = best_alpha, best_beta
     return best, best_alpha, best_beta

@@ -125,7 +125,8 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
             ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]``.
         method: ``"ibp"``, ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see
             :mod:`adcert.bounds.crown`; options ``max_spec_elements``, ``splits``, and for
-            alpha-crown ``iterations``, ``lr``, ``lr_decay``, ``patience``, ``tol``).
+            alpha-crown ``iterations``, ``lr``, ``lr_decay``, ``patience``, ``tol``, ``beta``,
+            ``lr_beta`` and the warm start ``init_alphas``, ``init_betas``, ``alpha_out``).
         y: optional labels ``[B]`` (int64). If given, the result is the margin lower bounds.
         x_L, x_U: an explicit input box ``[B, *in]`` (used as is), instead of ``eps``.
         bn_stats: ``{bn_module: (mean, var)}`` for training-mode batch norms, e.g. from

@@ -31,7 +31,10 @@ Options (unknown ones raise ``TypeError``):
   <= 0) or ``0``; the bound then holds on that sub-domain of the box (branch-and-bound).
 * alpha-crown: ``iterations`` (20), ``lr`` (0.1), ``lr_decay`` (0.98), ``patience`` (5),
   ``tol`` (1e-4), ``beta`` (False: with ``splits``, also optimise beta-CROWN split multipliers)
-  and ``lr_beta`` (0.05), see :func:`adcert.bounds.alpha_crown.optimize_alpha_beta`.
+  and ``lr_beta`` (0.05), see :func:`adcert.bounds.alpha_crown.optimize_alpha_beta`; warm
+  start: ``init_alphas`` / ``init_betas`` (``{relu_index: [B, S, *relu shape]}``) and
+  ``alpha_out`` (a dict receiving the best ``{"alphas", "betas"}``), see
+  :mod:`adcert.bounds.alpha_crown`.
 
 ``sound=True`` switches to the floating-point-rigorous twin in :mod:`adcert.bounds.crown_sound`.
 """
@@ -55,7 +58,7 @@ Box = Tuple[Tensor, Tensor]
 COMMON_OPTIONS = ("splits",)
 CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements",)
 ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol", "beta",
-                                 "lr_beta")
+                                 "lr_beta", "init_alphas", "init_betas", "alpha_out")
 DEFAULT_MAX_SPEC_ELEMENTS = 2 ** 25
 
 
