@@ -12,7 +12,11 @@ beta=True)``) and their use by the ``bab-relu`` stage.
   one LP per pattern), and never certifies a non-robust instance;
 * the BaBSR-style branching score needs fewer domains than the triangle height on an instance;
 * bab-relu through :func:`adcert.certify.certify`: the journal records a ``bab-relu``
-  certificate, and a planted non-robust sample is never certified.
+  certificate, and a planted non-robust sample is never certified;
+* warm start (``init_alphas`` / ``init_betas`` / ``alpha_out``): 0 steps give the relaxation at
+  the projected start (a plain fp64 reference), a start at a previous optimum is kept and stays
+  below the sampled truth, bad starts raise naming the option, and warm-started bab-relu agrees
+  with the exact verifier.
 """
 from __future__ import annotations
 
@@ -339,3 +343,166 @@ def test_bab_relu_with_beta_through_the_certify_pipeline(tmp_path):
     rec = res.records[0]
     assert rec["verdict"] != "certified"
     assert rec["verdict"] == "attacked" and rec["stage"] == "bab-relu"
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def relaxation_reference(net: nn.Module, lo, hi, y: int, boxes, alphas, betas):
+    """Plain-torch fp64 reference of the backward linear relaxation of a :func:`tiny_net` with
+    the given lower slopes ``alphas[k]: [S, h]`` and SIGNED multipliers ``betas[k]: [S, h]``
+    (``beta_j s_j``) on the ReLU input boxes ``boxes[k] = (l, u)``, each ``[h]``: the lower bound
+    ``[S]`` of the margin rows ``e_y - e_i`` over the input box ``[lo, hi]`` (``[d]``)."""
+    W = [m.weight.detach() for m in net if isinstance(m, nn.Linear)]
+    b = [m.bias.detach() for m in net if isinstance(m, nn.Linear)]
+    C = W[-1].shape[0]
+    spec = torch.eye(C, dtype=F64)[y][None] - torch.eye(C, dtype=F64)  # [S, C]
+    A, const = spec @ W[-1], spec @ b[-1]
+    for k in (1, 0):
+        l, u = boxes[k]
+        unstable = (l < 0) & (u > 0)
+        lower = torch.where(unstable, alphas[k], (l >= 0).to(F64))
+        upper = torch.where(unstable, u / (u - l), (l >= 0).to(F64))
+        icpt = torch.where(unstable, -l * u / (u - l), torch.zeros_like(l))
+        Az = A.clamp(min=0) * lower + A.clamp(max=0) * upper - betas[k]
+        const = const + (A.clamp(max=0) * icpt).sum(1)
+        A, const = Az @ W[k], const + Az @ b[k]
+    return const + (A.clamp(min=0) * lo).sum(1) + (A.clamp(max=0) * hi).sum(1)
+
+
+def _split_instance(seed: int = 0, d: int = 2, h: int = 8):
+    """A tiny net, a point, eps 0.5, and a feasible random split sub-domain of it."""
+    net = tiny_net(seed, d, h)
+    g = torch.Generator().manual_seed(70 + seed)
+    x = torch.rand(1, d, generator=g, dtype=F64)
+    y = net(x).argmax(1)
+    eps = 0.5
+    lo, hi = (x[0] - eps).clamp(0, 1), (x[0] + eps).clamp(0, 1)
+    boxes = []
+    compute_bounds(net, x, eps, method="crown", y=y, relu_bounds=boxes)
+    sp = random_splits(net, lo, hi, boxes, g, flip=0.0)
+    return net, x, y, eps, lo, hi, sp, {k: s[None] for k, s in enumerate(sp)}
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_warm_start_with_zero_iterations_is_the_bound_at_the_given_slopes_and_multipliers(seed):
+    """0 Adam steps: the bound is the relaxation at the PROJECTED start (slopes clamped to [0, 1],
+    multipliers to >= 0), checked against a plain fp64 reference (and IBP, which the certifying
+    methods never fall below); the sound bound lies just below it; ``alpha_out`` returns them."""
+    net, x, y, eps, lo, hi, sp, splits = _split_instance(seed)
+    C, h = 3, net[0].out_features
+    g = torch.Generator().manual_seed(seed)
+    alphas = {k: torch.rand(1, C, h, generator=g, dtype=F64) * 1.6 - 0.3 for k in (0, 1)}
+    betas = {k: torch.rand(1, C, h, generator=g, dtype=F64) * 1.2 - 0.2 for k in (0, 1)}
+    boxes, out = [], {}
+    got = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
+                         iterations=0, init_alphas=alphas, init_betas=betas, alpha_out=out,
+                         relu_bounds=boxes)[0]
+    box = [(l[0], u[0]) for l, u in boxes]
+    assert sum(int(((l < 0) & (u > 0)).sum()) for l, u in box) >= 2  # slopes matter
+    a_proj = {k: a[0].clamp(0, 1) for k, a in alphas.items()}
+    b_signed = {k: b[0].clamp(min=0) * sp[k].to(F64) for k, b in betas.items()}
+    ref = relaxation_reference(net, lo, hi, int(y), box, a_proj, b_signed)
+    ibp = compute_bounds(net, x, eps, method="ibp", y=y)[0]
+    want = torch.maximum(ref, ibp)
+    want[y] = 0.0
+    assert torch.allclose(got, want, rtol=0, atol=1e-10), (got, want)
+    assert bool((ref > ibp + 1e-3).any())  # the relaxation, not the IBP floor, decides a row
+    # without the projection the reference differs: the start really was projected
+    raw = relaxation_reference(net, lo, hi, int(y), box, {k: a[0] for k, a in alphas.items()},
+                               {k: b[0] * sp[k].to(F64) for k, b in betas.items()})
+    assert not torch.allclose(raw, ref, atol=1e-6)
+    for k in (0, 1):
+        assert torch.equal(out["alphas"][k], alphas[k].clamp(0, 1))
+        if bool((sp[k] != 0).any()):
+            assert torch.equal(out["betas"][k], betas[k].clamp(min=0))
+    snd = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
+                         iterations=0, init_alphas=alphas, init_betas=betas, sound=True)[0]
+    # sound: the same relaxation minus rounding terms (its IBP floor is the unfolded one)
+    ref[y] = 0.0
+    assert (snd <= got).all() and (snd >= ref - 1e-9).all(), (snd, got, ref)
+
+
+@pytest.mark.parametrize("seed,d,h", [(0, 2, 8), (1, 4, 6), (3, 4, 8)])
+def test_warm_start_from_an_optimum_keeps_it_and_stays_sound(seed, d, h):
+    """Starting from the optimum of a first run, a short second run never returns a looser bound
+    (keep-best covers iteration 0) and it stays below the sampled minimum on the sub-domain,
+    plain and sound."""
+    net, x, y, eps, lo, hi, sp, splits = _split_instance(seed, d, h)
+    truth = subdomain_min(net, lo, hi, int(y), sp, seed=seed)
+    rows = torch.isfinite(truth)
+    assert int(rows.sum()) >= 2  # a non-empty sub-domain
+    for sound in (False, True):
+        out = {}
+        first = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
+                               iterations=8, alpha_out=out, sound=sound)[0]
+        assert set(out["alphas"]) == {0, 1} and out["alphas"][0].shape == (1, 3, h)
+        assert all(not t.requires_grad for t in list(out["alphas"].values())
+                   + list(out["betas"].values()))
+        again = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
+                               iterations=10, init_alphas=out["alphas"],
+                               init_betas=out["betas"], sound=sound)[0]
+        assert (again >= first - (1e-9 if sound else 0.0)).all(), (sound, again, first)
+        assert (again[rows] <= truth[rows] + 1e-9).all(), (sound, again, truth)
+        cold = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
+                              iterations=10, sound=sound)[0]
+        assert (again >= cold - 1e-9).sum() >= 2  # warm 8 + 10 steps: mostly no worse than 10
+
+
+def test_warm_start_options_are_validated():
+    net = tiny_net(0)
+    x = torch.rand(1, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = net(x).argmax(1)
+    good = torch.full((1, 3, 8), 0.5, dtype=F64)
+
+    def call(**kw):
+        return compute_bounds(net, x, 0.3, method="alpha-crown", y=y, iterations=1, **kw)
+
+    for kw, exc, msg in (
+            (dict(init_alphas=[good]), TypeError, r"^init_alphas: expected a dict"),
+            (dict(init_alphas={2: good}), ValueError, r"^init_alphas: keys must be ReLU"),
+            (dict(init_alphas={0: good[:, :2]}), ValueError,
+             r"^init_alphas: entry 0 must have shape .*\(1, 3, 8\).*S = 3"),
+            (dict(init_alphas={1: good.float()}), TypeError, r"^init_alphas: entry 1 .*dtype"),
+            (dict(init_alphas={0: 0.5}), TypeError, r"^init_alphas: entry 0 must be a torch"),
+            (dict(init_betas={0: good[0]}), ValueError, r"^init_betas: entry 0 must have shape"),
+            (dict(alpha_out=[]), TypeError, r"^alpha_out: expected a dict")):
+        with pytest.raises(exc, match=msg):
+            call(**kw)
+    with pytest.raises(TypeError, match="init_alphas"):  # crown has no slopes to start from
+        compute_bounds(net, x, 0.3, method="crown", y=y, init_alphas={0: good})
+    call(init_alphas={0: good}, init_betas={1: good})  # accepted (no beta: betas unused)
+    for kw, name in ((dict(method="crown", warm_start=True), "warm_start"),
+                     (dict(method="alpha-crown", warm_start=1), "warm_start"),
+                     (dict(method="alpha-crown", warm_iterations=-1), "warm_iterations")):
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            ReluSplitBaB(**kw)
+    assert ReluSplitBaB(method="alpha-crown").warm_start
+    assert not ReluSplitBaB(method="crown").warm_start
+
+
+@pytest.mark.parametrize("warm_iterations", [3, 15])
+def test_bab_warm_start_agrees_with_exact_and_certifies_the_same(warm_iterations):
+    """Warm-started bab-relu certifies the robust instance (exact minimum margin > 0) and the
+    bench_bab instance seed 16 like the cold start, and never certifies the non-robust one."""
+    net, x, y, eps = robust_instance()
+    boxes, lo, hi = _root(net, x, y, eps)
+    assert exact_min_margin(net, lo, hi, int(y), boxes) > 0
+    net16 = tiny_net(16)
+    x16 = torch.rand(1, 2, generator=torch.Generator().manual_seed(1016), dtype=F64)
+    for inst in ((net, x, y, eps), (net16, x16, net16(x16).argmax(1), 0.071875)):
+        for warm in (True, False):
+            st = ReluSplitBaB(sound=True, method="alpha-crown", attack_every=0, timeout=30,
+                              bound_options=BO, warm_start=warm,
+                              warm_iterations=warm_iterations)
+            assert st.run(*inst).verdicts == ["certified"], (warm, st.last_stats)
+    net, x, y, eps = non_robust_instance()
+    boxes, lo, hi = _root(net, x, y, eps)
+    assert exact_min_margin(net, lo, hi, int(y), boxes) < 0
+    for sound in (True, False):
+        st = ReluSplitBaB(sound=sound, method="alpha-crown", attack_every=0, timeout=5,
+                          warm_iterations=warm_iterations)
+        assert st.warm_start and st.run(net, x, y, eps).verdicts == [None]
+        st = ReluSplitBaB(sound=sound, method="alpha-crown", attack_every=2, timeout=5,
+                          warm_iterations=warm_iterations)
+        assert st.run(net, x, y, eps).verdicts == ["attacked"]

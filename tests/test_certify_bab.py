@@ -152,3 +152,32 @@ def test_beta_and_branching_options_reach_the_stage_and_stats_are_recorded():
         [v if v is not None else "unknown" for v in out.verdicts]
     for s in st.last_stats:
         assert s["domains"] >= 1 and s["rounds"] >= 0 and s["seconds"] >= 0
+
+
+def test_warm_start_gives_the_same_verdicts_and_its_certificates_survive_attacks():
+    """Warm-started domains (parents' slopes and multipliers, few Adam steps) reach the same
+    verdicts as cold-started ones on a harder radius, where some points are attackable and the
+    rest need a search; every warm certificate survives sampling + PGD, every counterexample is
+    real."""
+    eps = 0.2
+    net = mlp()
+    x, y = points(net)
+    alpha = worst_margin(compute_bounds(net, x, eps, method="alpha-crown", y=y, sound=True), y)
+    verdicts, domains = {}, {}
+    for warm in (True, False):
+        st = ReluSplitBaB(sound=True, method="alpha-crown", timeout=30, warm_start=warm,
+                          warm_iterations=10)
+        out = st.run(net, x, y, eps)
+        verdicts[warm] = out.verdicts
+        domains[warm] = [s["domains"] for s in st.last_stats]
+        if warm:
+            for i, v in enumerate(out.verdicts):
+                if v == "attacked":
+                    assert margins(net, out.adv[i][None], y[i:i + 1])[0] <= 0
+    assert verdicts[True] == verdicts[False], (verdicts, domains)
+    cert = torch.tensor([v == "certified" for v in verdicts[True]])
+    assert (cert & (alpha <= 0)).sum() >= 2  # searches were needed
+    assert "attacked" in verdicts[True]
+    assert not attackable(net, x[cert], y[cert], eps).any()
+    # the searched instances closed: a warm start must not blow the domain count up
+    assert sum(domains[True]) <= 2 * sum(domains[False]), domains

@@ -25,6 +25,20 @@ sound=sound, splits=..., relu_bounds=...)``:
   the exact minimum, so enough steps close a robust domain. One that stays open stops the
   sample: ``attacked`` if one more PGD attack succeeds, else ``unknown``.
 
+Warm start (``warm_start``, default on with alpha-crown; alpha,beta-CROWN does the same): every
+queued domain carries the optimised slopes and multipliers of the domain it was split from
+(``alpha_out`` / ``init_alphas`` / ``init_betas`` of :mod:`adcert.bounds.alpha_crown`; both
+children get a copy; an unsplit neuron's multiplier gets no gradient, so a new split's starts at
+0), and is bounded with only ``warm_iterations`` Adam steps (the root, which starts from CROWN's
+slopes, gets the full ``iterations``; so does the longer re-optimisation of fully split domains,
+which starts from the domain's own optimum). The warm start is evaluated as iteration 0 and kept if
+nothing beats it, and any projected start is a valid relaxation, so soundness does not depend on
+it. Slopes of neurons that a split (or tighter intermediate bounds) made stable are simply unused.
+Memory: per queued domain ``2 x S x (ReLU neurons)`` numbers (slopes and multipliers for the ``S``
+margin rows, ``S`` = the number of classes), e.g. 2 x 10 x 10^4 fp64 values = 1.6 MB for a 10-class
+net with 10^4 ReLUs, so a queue of 10^4 such domains would hold 16 GB: fine for the small nets this
+stage is for, not for CNN7-sized ones (use ``warm_start=False`` there).
+
 With ``method="alpha-crown"`` the domains are bounded beta-CROWN style by default (``beta``):
 besides clamping the split neurons' input bounds, the final bound optimises one Lagrange
 multiplier per split constraint ``s_j z_j >= 0`` jointly with the slopes (see
@@ -54,11 +68,16 @@ Tensor = torch.Tensor
 
 BAB_METHODS = ("crown", "alpha-crown")
 BRANCHING = ("babsr", "width")
-# bound options used with ``beta`` unless ``bound_options`` overrides them: the multipliers start
-# at 0 in every domain (no warm start), so they need a larger step and more steps than the
-# slopes alone (on the tiny nets of tests/test_beta_crown.py, 20 steps at lr_beta 0.05 left
-# fully split domains open that 50 steps at 0.2 close)
+# bound options used with ``beta`` unless ``bound_options`` overrides them: a cold-started domain
+# (the root, or every domain with ``warm_start=False``) starts its multipliers at 0, so they need
+# a larger step and more steps than the slopes alone (on the tiny nets of
+# tests/test_beta_crown.py, 20 steps at lr_beta 0.05 left fully split domains open that 50 steps
+# at 0.2 close); warm-started domains run ``warm_iterations`` steps instead
 BETA_BOUND_DEFAULTS = {"iterations": 50, "lr": 0.2, "lr_beta": 0.2}
+# Adam steps for a warm-started (non-root) domain
+WARM_ITERATIONS = 15
+# (slopes, multipliers) of a batch of domains: one [n, S, *relu shape] tensor per ReLU each
+Warm = Tuple[List[Tensor], List[Tensor]]
 
 
 class ReluSplitBaB:
@@ -73,6 +92,10 @@ class ReluSplitBaB:
         bound_options: extra options for ``compute_bounds`` (e.g. ``{"iterations": 10}``); with
             ``beta`` they update :data:`BETA_BOUND_DEFAULTS`.
         branching: ``"babsr"`` or ``"width"`` (the neuron score, see the module docstring).
+        warm_start: start every non-root domain from its parent's optimised slopes and
+            multipliers (alpha-crown only; default: True with alpha-crown).
+        warm_iterations: Adam steps for a warm-started domain (int >= 0; the root uses
+            ``iterations`` of ``bound_options``).
         max_domains: the most domains bounded per sample before giving up.
         batch: domains bounded per ``compute_bounds`` call.
         attack_every, pgd_steps, restarts: the PGD schedule (``attack_every=0``: never attack).
@@ -82,7 +105,8 @@ class ReluSplitBaB:
     def __init__(self, sound: bool = True, timeout: Optional[float] = None, method: str = "crown",
                  max_domains: int = 20_000, batch: int = 64, attack_every: int = 10,
                  pgd_steps: int = 20, restarts: int = 8, beta: Optional[bool] = None,
-                 bound_options: Optional[Dict[str, Any]] = None, branching: str = "babsr"):
+                 bound_options: Optional[Dict[str, Any]] = None, branching: str = "babsr",
+                 warm_start: Optional[bool] = None, warm_iterations: int = WARM_ITERATIONS):
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
         if method not in BAB_METHODS:
@@ -102,6 +126,15 @@ class ReluSplitBaB:
                              f"{type(bound_options).__name__}")
         if branching not in BRANCHING:
             raise ValueError(f"branching: expected one of {BRANCHING}, got {branching!r}")
+        if warm_start is None:
+            warm_start = method == "alpha-crown"
+        if not isinstance(warm_start, bool) or (warm_start and method != "alpha-crown"):
+            raise ValueError(f"warm_start: expected a bool, True only with method 'alpha-crown', "
+                             f"got {warm_start!r} with method {method!r}")
+        if isinstance(warm_iterations, bool) or not isinstance(warm_iterations, int) or \
+                warm_iterations < 0:
+            raise ValueError(f"warm_iterations: expected an int >= 0, got {warm_iterations!r}")
+        self.warm_start, self.warm_iterations = warm_start, warm_iterations
         self.beta, self.branching = beta, branching
         self.bound_options = dict(BETA_BOUND_DEFAULTS if beta else {}, **(bound_options or {}))
         self.last_stats: List[Dict[str, Any]] = []
@@ -113,11 +146,13 @@ class ReluSplitBaB:
     # ------------------------------------------------------------------ bounding
 
     def _bound(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
-               splits: Optional[Dict[int, Tensor]], **extra: Any
-               ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+               splits: Optional[Dict[int, Tensor]], warm: Optional[Warm] = None, **extra: Any
+               ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]], Optional[Warm]]:
         """``x: [n, *in]`` copies of one sample, ``splits[k]: [n, *shape_k]`` -> (worst margin
-        lower bound ``[n]``, every ReLU's input box ``[(lo, up)]`` each ``[n, *shape_k]``).
-        ``extra``: bound options overriding ``bound_options``."""
+        lower bound ``[n]``, every ReLU's input box ``[(lo, up)]`` each ``[n, *shape_k]``, and
+        with ``warm_start`` the optimised slopes and multipliers (:data:`Warm`), else ``None``).
+        ``warm``: slopes and multipliers to start from; ``extra``: bound options overriding
+        ``bound_options``."""
         from adcert.bounds import compute_bounds
 
         boxes: List[Tuple[Tensor, Tensor]] = []
@@ -126,10 +161,23 @@ class ReluSplitBaB:
             kw["splits"] = splits
             if self.beta:
                 kw["beta"] = True
+        out: Optional[dict] = {} if self.warm_start else None
+        if out is not None:
+            kw["alpha_out"] = out
+            if warm is not None:
+                kw["init_alphas"] = dict(enumerate(warm[0]))
+                kw["init_betas"] = dict(enumerate(warm[1]))
         with torch.no_grad():
             m = compute_bounds(model, x, eps, method=self.method, y=y, sound=self.sound,
                                relu_bounds=boxes, **kw)
-        return worst_margin(m, y), boxes
+        if out is None:
+            return worst_margin(m, y), boxes, None
+        alphas = [out["alphas"][k] for k in range(len(boxes))]
+        # a layer without any split in this batch returns no multipliers: keep the start (or 0)
+        betas = [out["betas"][k] if k in out["betas"] else
+                 (warm[1][k] if warm is not None else torch.zeros_like(alphas[k]))
+                 for k in range(len(boxes))]
+        return worst_margin(m, y), boxes, (alphas, betas)
 
     def unavailable(self, model, x, y, eps) -> Optional[str]:
         try:
@@ -207,12 +255,15 @@ class ReluSplitBaB:
         """``x: [1, *in]``, ``y: [1]`` -> (verdict, value, counterexample or None)."""
         start = time.monotonic()
         prog = self._progress = {"domains": 1, "rounds": 0}
-        worst, boxes = self._bound(model, x, y, eps, None)
+        worst, boxes, warm = self._bound(model, x, y, eps, None)
         if bool(worst[0] > 0):
             return "certified", float(worst[0]), None
         low = self._lowered(model, x) if self.branching == "babsr" else None
         # the queue: one stacked split tensor [N, *shape_k] per ReLU layer
         queue = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes]
+        # with warm_start: each queued domain's starting slopes and multipliers, [N, S, *shape_k]
+        q_warm = warm
+        warm_kw = {"iterations": self.warm_iterations} if warm is not None else {}
         seen, rounds, closed_min = 0, 0, float("inf")
         while queue[0].shape[0]:
             if self.attack_every and rounds % self.attack_every == 0:
@@ -226,11 +277,14 @@ class ReluSplitBaB:
             rounds += 1
             dom = [q[:self.batch] for q in queue]
             queue = [q[self.batch:] for q in queue]
+            d_warm = None if q_warm is None else _take(q_warm, slice(0, self.batch))
+            q_warm = None if q_warm is None else _take(q_warm, slice(self.batch, None))
             n = dom[0].shape[0]
             seen += n
             prog["domains"], prog["rounds"] = seen + 1, rounds
-            worst, boxes = self._bound(model, x.expand(n, *x.shape[1:]), y.expand(n), eps,
-                                       {k: s for k, s in enumerate(dom)})
+            worst, boxes, d_warm = self._bound(model, x.expand(n, *x.shape[1:]), y.expand(n),
+                                               eps, {k: s for k, s in enumerate(dom)}, d_warm,
+                                               **warm_kw)
             empty = torch.zeros(n, dtype=torch.bool, device=x.device)
             for lo, up in boxes:
                 empty |= (lo > up).flatten(1).any(1)
@@ -242,6 +296,7 @@ class ReluSplitBaB:
                 continue
             dom = [s[keep] for s in dom]
             boxes = [(lo[keep], up[keep]) for lo, up in boxes]
+            d_warm = None if d_warm is None else _take(d_warm, keep)
             # the score of every unstable, unsplit neuron, all layers flattened
             scores = []
             for s, (lo, up), sc in zip(dom, boxes, self._scores(low, x, y, eps, boxes)):
@@ -252,11 +307,12 @@ class ReluSplitBaB:
             if bool(done.any()) and self.beta:  # an LP: its dual needs more multiplier steps
                 it = int(self.bound_options.get("iterations", 20))
                 lr_b = float(self.bound_options.get("lr_beta", 0.05))
-                w, _ = self._bound(model, x.expand(int(done.sum()), *x.shape[1:]),
-                                   y.expand(int(done.sum())), eps,
-                                   {k: s[done] for k, s in enumerate(dom)},
-                                   iterations=max(4 * it, 100), patience=25, lr_decay=0.99,
-                                   lr_beta=max(4 * lr_b, 0.2))
+                w, _, _ = self._bound(model, x.expand(int(done.sum()), *x.shape[1:]),
+                                      y.expand(int(done.sum())), eps,
+                                      {k: s[done] for k, s in enumerate(dom)},
+                                      None if d_warm is None else _take(d_warm, done),
+                                      iterations=max(4 * it, 100), patience=25,
+                                      lr_decay=0.99, lr_beta=max(4 * lr_b, 0.2))
                 closed = torch.zeros_like(done)
                 closed[done] = w > 0
                 if bool(closed.any()):
@@ -265,6 +321,7 @@ class ReluSplitBaB:
                 prog["domains"] = seen + 1
                 keep = ~closed
                 dom, best = [s[keep] for s in dom], best[keep]
+                d_warm = None if d_warm is None else _take(d_warm, keep)
                 done = done[keep]
             if bool(done.any()):
                 hit = self._attack(model, x, y, eps) if self.attack_every else None
@@ -288,6 +345,9 @@ class ReluSplitBaB:
                 children.append(torch.cat([pos, neg]).reshape((-1,) + tuple(s.shape[1:])))
                 offset += m_
             queue = [torch.cat([q, c]) for q, c in zip(queue, children)]
+            if d_warm is not None:  # both children start from the parent's optimum
+                q_warm = tuple([torch.cat([q, p, p]) for q, p in zip(qs, ps)]
+                               for qs, ps in zip(q_warm, d_warm))
         return "certified", (closed_min if closed_min < float("inf") else None), None
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Outcome:
@@ -301,4 +361,9 @@ class ReluSplitBaB:
                        [val for _, val, _ in res], [a for _, _, a in res])
 
 
-__all__ = ["ReluSplitBaB", "BAB_METHODS", "BETA_BOUND_DEFAULTS"]
+def _take(warm: Warm, index) -> Warm:
+    """The rows ``index`` (a slice or a bool mask over domains) of every tensor of ``warm``."""
+    return [t[index] for t in warm[0]], [t[index] for t in warm[1]]
+
+
+__all__ = ["ReluSplitBaB", "BAB_METHODS", "BETA_BOUND_DEFAULTS", "WARM_ITERATIONS"]
