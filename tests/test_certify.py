@@ -243,6 +243,36 @@ def test_radii_are_recorded_and_give_acr(tmp_path):
     assert "ACR" in format_table(summary)
 
 
+def test_radius_stage_stops_when_every_sample_has_converged(monkeypatch):
+    """The certifier's radius search drops converged samples and stops early (``sync_every=1``)
+    instead of running all ``maxiter`` passes, and finds the same radii as the sync-free loop."""
+    import adcert.radius as radius_mod
+    from adcert.certify.stages import RadiusStage
+
+    net = toy_net()
+    x = torch.rand(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y = predict(net, x)
+    calls = []
+    real = radius_mod.margin_function
+
+    def counted(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def g(eps, rows):
+            calls.append(eps.numel())
+            return fn(eps, rows)
+        return g
+
+    monkeypatch.setattr(radius_mod, "margin_function", counted)
+    stage = RadiusStage(eps_max=0.2, sound=False)
+    radii = torch.tensor(stage.radii(net, x, y), dtype=torch.float64)
+    assert len(calls) < 30 and sum(calls) < 12 * 20   # maxiter is 100
+    calls.clear()
+    free = radius_mod.certified_radius(net, x, y, 0.2, maxiter=100).radius
+    assert len(calls) == 102                           # 2 bracketing passes + maxiter
+    torch.testing.assert_close(radii, free, rtol=0, atol=2e-4 * 0.2)
+
+
 # ------------------------------------------------------------------------ unavailable stages
 
 def test_unavailable_stage_is_an_error_or_recorded_when_skipped(tmp_path, monkeypatch):
