@@ -4,8 +4,9 @@
     python benchmarks/bench_loss_fusion.py [--device cpu|cuda] [--batches 16,128] [--width 64]
                                            [--linear 512] [--repeats N] [--out FILE] [--quick]
 
-Model: CNN7 (``adcert.models.cnn7``) on CIFAR-shaped inputs ``[B, 3, 32, 32]``, 10 classes, in
-train mode with frozen clean-batch BN statistics (a training step's setting), eps = 2/255.
+Model: CNN7 (``adcert.models.cnn7``, ``ibp_init`` as certified training starts) on CIFAR-shaped
+inputs ``[B, 3, 32, 32]``, 10 classes, in train mode with frozen clean-batch BN statistics (a
+training step's setting), eps = 2/255.
 Two variants per (mode, batch), timed interleaved in one run (``run.time_interleaved``):
 
 * ``unfused``: ``compute_bounds(method="crown-ibp", y=y)`` (one backward relaxation of C rows per
@@ -41,6 +42,7 @@ import bench_common as bc  # noqa: E402
 import run as runner  # noqa: E402
 from adcert.bounds import clean_bn_stats, compute_bounds, crown_ibp_ce_upper  # noqa: E402
 from adcert.models import cnn7  # noqa: E402
+from adcert.models.init import ibp_init  # noqa: E402
 
 EPS = 2.0 / 255.0
 MODES = ("fwd", "fwdbwd")
@@ -50,7 +52,7 @@ VARIANTS = ("unfused", "fused")
 def build_cases(mode, device, batch, width, linear, seed=0):
     """``({variant: fn}, {variant: loss value})`` for one (mode, batch)."""
     torch.manual_seed(seed)
-    model = cnn7(width=width, linear_size=linear).to(device).train()
+    model = ibp_init(cnn7(width=width, linear_size=linear)).to(device).train()
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     stats = clean_bn_stats(model, x)
