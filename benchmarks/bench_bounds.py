@@ -51,8 +51,8 @@ What the default run covers, and what it leaves out:
 * CUDA (``--device cuda``): ``ibp`` and ``crown-ibp`` at batches 128 and 1024, ``crown`` and
   ``alpha-crown`` at batches 1 and 16 at full width (not yet timed on a GPU). Batches 128/1024
   are left out of the default: the work grows with batch x unstable neurons (tens of thousands
-  per sample here), and with ``--max-spec-elements 2**25`` (adcert's default) a chunk at batch
-  128 holds 2 neurons per sample, i.e. ~10^4 sequential backward passes per layer. Ask with
+  per sample here), and with ``--max-spec-elements 2**25`` (adcert's GPU default) a chunk at
+  batch 128 holds 2 neurons per sample, i.e. ~10^4 sequential backward passes per layer. Ask with
   ``--crown-batches 128,1024 --max-spec-elements 1073741824`` (about 4 GiB per fp32 chunk
   tensor, a few alive at once).
 * Samples: the first call of each variant is the memory measurement (and the warm-up), then
@@ -87,6 +87,7 @@ import torch.nn.functional as F  # noqa: E402
 import bench_common as bc  # noqa: E402
 import run as runner  # noqa: E402
 from adcert.bounds import clean_bn_stats, compute_bounds  # noqa: E402
+from adcert.bounds.crown import default_max_spec_elements  # noqa: E402
 from adcert.models import cnn7  # noqa: E402
 from adcert.ops import reference as refops  # noqa: E402
 
@@ -97,7 +98,7 @@ VARIANTS = ("adcert", "reference", "auto_LiRPA")
 LIRPA_METHOD = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
                 "alpha-crown": "alpha-CROWN"}
 EPS = 2.0 / 255.0
-MAX_SPEC_ELEMENTS = 2 ** 25  # adcert.bounds.crown's default
+MAX_SPEC_ELEMENTS = 2 ** 21  # adcert.bounds.crown's CPU default (2**25 on GPUs)
 ALPHA = dict(lr=0.1, lr_decay=0.98, patience=5, tol=1e-4)  # adcert.bounds.alpha_crown's
 QUICK_REF_TOL = 1e-3
 SAMPLE_BUDGET_S = 20.0  # default repeats: about this long per variant, at least 3 samples
@@ -463,7 +464,9 @@ def parse_args(argv=None):
     p.add_argument("--crown-repeats", type=int, default=None,
                    help="timed samples for crown/alpha-crown (default 3)")
     p.add_argument("--iterations", type=int, default=None, help="alpha-CROWN steps (20)")
-    p.add_argument("--max-spec-elements", type=int, default=MAX_SPEC_ELEMENTS)
+    p.add_argument("--max-spec-elements", type=int, default=None,
+                   help="chunk size of intermediate specification rows (default: adcert's "
+                        "default on the device, 2**21 on CPU, 2**25 on GPUs)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
@@ -501,7 +504,8 @@ def plan(a) -> dict:
                 repeats=a.repeats or (2 if q else None),
                 crown_repeats=a.crown_repeats or (2 if q else None),
                 iterations=a.iterations if a.iterations is not None else (2 if q else 20),
-                max_spec_elements=a.max_spec_elements, memory=not a.no_memory, eps=EPS)
+                max_spec_elements=a.max_spec_elements or default_max_spec_elements(a.device),
+                memory=not a.no_memory, eps=EPS)
 
 
 def first_calls(fns: Dict[str, object], device: str, memory: bool, sync):

@@ -23,9 +23,11 @@ linear layer.
 
 Options (unknown ones raise ``TypeError``):
 
-* ``max_spec_elements`` (crown, alpha-crown; default ``2**25``): the most elements of one
-  batch of intermediate specification rows ``[B, rows, *largest layer]``; unstable neurons are
-  processed in chunks of that size (memory ~ a few times this many elements).
+* ``max_spec_elements`` (crown, alpha-crown; default ``2**21`` on CPU, ``2**25`` on GPUs): the
+  most elements of one batch of intermediate specification rows ``[B, rows, *largest layer]``;
+  unstable neurons are processed in chunks of that size (memory ~ a few times this many
+  elements). On CPU smaller chunks are faster (they stay in cache and avoid page faults on fresh
+  100+ MB tensors): CNN7 at width 16, batch 2, 25.5 s at ``2**25`` and 10.3 s at ``2**21``.
 * ``splits`` (all three): ``{relu_index: tensor [B, *relu shape]}`` with ``+1`` (neuron forced
   active: input lower bound clamped to >= 0), ``-1`` (forced inactive: upper bound clamped to
   <= 0) or ``0``; the bound then holds on that sub-domain of the box (branch-and-bound).
@@ -59,7 +61,7 @@ COMMON_OPTIONS = ("splits",)
 CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements",)
 ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol", "beta",
                                  "lr_beta", "init_alphas", "init_betas", "alpha_out")
-DEFAULT_MAX_SPEC_ELEMENTS = 2 ** 25
+DEFAULT_MAX_SPEC_ELEMENTS = {"cpu": 2 ** 21, "other": 2 ** 25}  # by device type
 
 
 # --------------------------------------------------------------------------- specification
@@ -232,11 +234,17 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
 # --------------------------------------------------------------------------- the methods
 
 
-def parse_options(method: str, options, known) -> dict:
+def default_max_spec_elements(device: torch.device) -> int:
+    """The default chunk size of intermediate specification rows on ``device``."""
+    key = "cpu" if torch.device(device).type == "cpu" else "other"
+    return DEFAULT_MAX_SPEC_ELEMENTS[key]
+
+
+def parse_options(method: str, options, known, device="cpu") -> dict:
     from adcert.bounds.api import reject_options  # local: api imports this module
     reject_options(method, options, known)
     out = dict(options)
-    m = out.get("max_spec_elements", DEFAULT_MAX_SPEC_ELEMENTS)
+    m = out.get("max_spec_elements", default_max_spec_elements(device))
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"max_spec_elements: expected a positive int, got {m!r}")
     out["max_spec_elements"] = m
@@ -247,7 +255,7 @@ def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
     """The shared driver of ``crown-ibp``, ``crown`` and ``alpha-crown`` (see the module doc)."""
     known = {"crown-ibp": COMMON_OPTIONS, "crown": CROWN_OPTIONS,
              "alpha-crown": ALPHA_OPTIONS}[method]
-    opts = parse_options(method, request.options, known)
+    opts = parse_options(method, request.options, known, mu.device)
     if request.sound:
         from adcert.bounds.crown_sound import run_sound
         return run_sound(plan, mu, r, stats, request, method, opts)
