@@ -1,10 +1,12 @@
 """Shared test helpers: random boxes and parameters for the interval ops."""
 from __future__ import annotations
 
+import copy
 import pathlib
 
 import pytest
 import torch
+from torch import nn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,6 +40,45 @@ def random_bn(channels, dtype=torch.float64, device="cpu", affine=True):
         return mean, var, None, None
     return (mean, var, torch.randn(channels, dtype=dtype, device=device),
             torch.randn(channels, dtype=dtype, device=device))
+
+
+def randomize_bn(model, gen):
+    """Random statistics and affine parameters (scales of both signs) for every batch norm of
+    ``model``, drawn in fp64 from ``gen``; returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+                m.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 0.3)
+                m.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.3)
+    return model
+
+
+def perturb_bn(model):
+    """Batch norms moved away from their identity initialisation (positive scales near 1), from
+    torch's global generator; returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0, 0.2)
+    return model
+
+
+def frozen_copy(model, stats):
+    """An eval-mode copy of ``model`` whose batch norms use ``stats`` (``{bn: (mean, var)}``, e.g.
+    from ``clean_bn_stats``; ``None``: unchanged): the function the bounds are of."""
+    twin = copy.deepcopy(model)
+    for orig, dup in zip(model.modules(), twin.modules()):
+        if stats and orig in stats:
+            with torch.no_grad():
+                dup.running_mean.copy_(stats[orig][0])
+                dup.running_var.copy_(stats[orig][1])
+    return twin.eval()
 
 
 def to64(t):

@@ -17,6 +17,7 @@ from adcert.bounds import (
     AffineStep, clean_bn_stats, compute_bounds, get_plan,
 )
 from adcert.models import CIFAR10_MEAN, CIFAR10_STD, Normalize, cnn3, cnn7
+from conftest import frozen_copy, randomize_bn
 
 DT = torch.float64
 
@@ -51,16 +52,6 @@ def ref_bn_stats(model, x):
         else:
             stats[orig] = (orig.running_mean, orig.running_var)
     return stats
-
-
-def frozen_copy(model, stats):
-    """An eval-mode copy of model whose batch norms use `stats`: the function the bounds are of."""
-    twin = copy.deepcopy(model)
-    for orig, dup in zip(leaf_modules(model), leaf_modules(twin)):
-        if orig in stats:
-            dup.running_mean.copy_(stats[orig][0])
-            dup.running_var.copy_(stats[orig][1])
-    return twin.eval()
 
 
 def cview(t, ref):
@@ -125,18 +116,6 @@ def box(x, eps):
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def randomize_bn(model, gen):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(c, generator=gen, dtype=DT))  # negative scales too
-                m.bias.copy_(torch.randn(c, generator=gen, dtype=DT) * 0.3)
-                m.running_mean.copy_(torch.randn(c, generator=gen, dtype=DT) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen, dtype=DT) + 0.3)
-    return model
 
 
 def mlp(normalize):

@@ -6,7 +6,6 @@ formula and the triangle-relaxation LP (scipy linprog) on a one-hidden-layer net
 rational arithmetic (fractions) for the sound mode on linear networks.
 """
 import copy
-import itertools
 from fractions import Fraction
 
 import pytest
@@ -18,23 +17,13 @@ from adcert.bounds import clean_bn_stats, compute_bounds
 from adcert.bounds.linear_relax import lower_plan
 from adcert.bounds.plan import LayerPlan
 from adcert.models import Normalize
+from conftest import frozen_copy, perturb_bn
 
 DT = torch.float64
 CROWN_FAMILY = ("crown-ibp", "crown", "alpha-crown")
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def _randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0, 0.2)
-    return model
 
 
 def make(kind, bn_mode="eval", batch=3):
@@ -56,24 +45,13 @@ def make(kind, bn_mode="eval", batch=3):
         x = torch.rand(batch, 2, 7, 7, dtype=DT)
     else:
         raise AssertionError(kind)
-    model = _randomise_bn(model.double())
+    model = perturb_bn(model.double())
     y = torch.randint(0, 3, (batch,))
     if bn_mode == "train":
         model.train()
         return model, x, y, clean_bn_stats(model, x)
     model.eval()
     return model, x, y, None
-
-
-def frozen(model, stats):
-    """An eval-mode copy whose batch norms use ``stats``: the function the bounds are of."""
-    twin = copy.deepcopy(model).eval()
-    if stats:
-        for orig, dup in zip(model.modules(), twin.modules()):
-            if orig in stats:
-                dup.running_mean.copy_(stats[orig][0])
-                dup.running_var.copy_(stats[orig][1])
-    return twin
 
 
 # ----------------------------------------------------------------------------- sample points
@@ -121,7 +99,7 @@ def margins_of(logits, y):
 def test_bounds_contain_outputs(kind, bn_mode, method):
     model, x, y, stats = make(kind, bn_mode)
     eps = 0.05
-    net = frozen(model, stats)
+    net = frozen_copy(model, stats)
     lb, ub = compute_bounds(model, x, eps, method=method, bn_stats=stats)
     margins = compute_bounds(model, x, eps, method=method, y=y, bn_stats=stats)
     pts = box_points(x, eps)
@@ -495,7 +473,7 @@ def test_sound_fp32_contains_fp64_result(kind, bn_mode, method):
     lb64, ub64 = compute_bounds(model64, x64, eps, method=method, bn_stats=stats64, **opts)
     assert lb32.dtype == torch.float32
     assert (lb32.double() <= lb64).all() and (ub32.double() >= ub64).all()
-    out = outputs_at(frozen(model64, stats64), box_points(x64, eps, n=100))
+    out = outputs_at(frozen_copy(model64, stats64), box_points(x64, eps, n=100))
     assert (out >= lb32.double().unsqueeze(1)).all() and (out <= ub32.double().unsqueeze(1)).all()
     m32 = compute_bounds(model32, x32, eps, method=method, y=y, bn_stats=stats32, sound=True,
                          **opts)

@@ -13,6 +13,7 @@ from torch import nn
 
 from adcert.bounds import clean_bn_stats, compute_bounds, get_plan
 from adcert.bounds.linear_relax import backward_lower, lower_plan
+from conftest import frozen_copy, perturb_bn
 
 DT = torch.float64
 CROWN_FAMILY = ("crown-ibp", "crown", "alpha-crown")
@@ -52,32 +53,15 @@ class TinyResNet(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
-def _randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0, 0.2)
-    return model
-
-
 def make(bn_mode, batch=2, seed=0):
     torch.manual_seed(seed)
-    model = _randomise_bn(TinyResNet().double())
+    model = perturb_bn(TinyResNet().double())
     x = torch.rand(batch, 2, 8, 8, dtype=DT)
     y = torch.randint(0, 3, (batch,))
     if bn_mode == "train":
         model.train()
         stats = clean_bn_stats(model, x)
-        twin = copy.deepcopy(model).eval()  # the function the bounds are of
-        for orig, dup in zip(model.modules(), twin.modules()):
-            if orig in stats:
-                with torch.no_grad():
-                    dup.running_mean.copy_(stats[orig][0])
-                    dup.running_var.copy_(stats[orig][1])
-        return model, x, y, stats, twin
+        return model, x, y, stats, frozen_copy(model, stats)
     return model.eval(), x, y, None, model
 
 
@@ -168,7 +152,7 @@ def test_zero_residual_branch_equals_sequential(method):
     seq = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
                         nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2),
                         nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
-    seq = _randomise_bn(seq.double()).eval()
+    seq = perturb_bn(seq.double()).eval()
     res = ZeroBranch(seq).double().eval()
     x = torch.rand(2, 2, 8, 8, dtype=DT)
     y = torch.tensor([0, 2])
@@ -276,7 +260,7 @@ def _fp32_pair(cls, seed):
     """An fp32 model with randomised BN and its exact fp64 twin; an fp32-representable input
     and eps (so both precisions bound the same real box)."""
     torch.manual_seed(seed)
-    m32 = _randomise_bn(cls()).eval()
+    m32 = perturb_bn(cls()).eval()
     m64 = copy.deepcopy(m32).double()
     x = torch.rand(2, 2, 8, 8)
     y = torch.randint(0, 3, (2,))

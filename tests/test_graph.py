@@ -17,6 +17,7 @@ from torch import nn
 
 from adcert.bounds import AffineStep, build_plan, clean_bn_stats, compute_bounds, get_plan
 from adcert.models import Normalize, cnn3
+from conftest import frozen_copy, randomize_bn
 
 DT = torch.float64
 _BN = nn.modules.batchnorm._BatchNorm
@@ -141,32 +142,9 @@ def ref_bounds(model, lo, hi, stats):
     return out, interp.relu_inputs
 
 
-def frozen_copy(model, stats):
-    """An eval-mode copy of model whose batch norms use `stats` (the function bounded)."""
-    twin = copy.deepcopy(model)
-    for orig, dup in zip(model.modules(), twin.modules()):
-        if orig in stats:
-            with torch.no_grad():
-                dup.running_mean.copy_(stats[orig][0])
-                dup.running_var.copy_(stats[orig][1])
-    return twin.eval()
-
-
 def box(x, eps):
     e = eps if not torch.is_tensor(eps) else eps.reshape((-1,) + (1,) * (x.dim() - 1))
     return (x - e).clamp(0, 1), (x + e).clamp(0, 1)
-
-
-def randomize_bn(model, gen):
-    for m in model.modules():
-        if isinstance(m, _BN):
-            c = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(c, generator=gen, dtype=DT))  # negative scales too
-                m.bias.copy_(torch.randn(c, generator=gen, dtype=DT) * 0.3)
-                m.running_mean.copy_(torch.randn(c, generator=gen, dtype=DT) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen, dtype=DT) + 0.3)
-    return model
 
 
 # ----------------------------------------------------------------------------- relu_bounds
