@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import os
 import pathlib
+import sys
+import types
 
 import pytest
 import torch
@@ -79,6 +83,32 @@ def frozen_copy(model, stats):
                 dup.running_mean.copy_(stats[orig][0])
                 dup.running_var.copy_(stats[orig][1])
     return twin.eval()
+
+
+def interpreted_kernel(module: str):
+    """Body of a module-scoped fixture that yields ``kernels/<module>.py`` loaded under the Triton
+    interpreter (package ``_adcert_kernels_interpreted``). Sets ``TRITON_INTERPRET=1`` for the
+    import and removes it afterwards if it was set here; skips when triton is absent or was
+    already imported as the compiler (the choice is made once per process)."""
+    set_here = os.environ.get("TRITON_INTERPRET") != "1"
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton", reason="triton is not installed")
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(standard.sum, InterpretedFunction):
+            pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with "
+                        "TRITON_INTERPRET=1 in the environment")
+        name = "_adcert_kernels_interpreted"
+        package = sys.modules.get(name)
+        if package is None:
+            package = types.ModuleType(name)
+            package.__path__ = [str(REPO / "kernels")]
+            sys.modules[name] = package
+        yield importlib.import_module(f"{name}.{module}")
+    finally:
+        if set_here:
+            os.environ.pop("TRITON_INTERPRET", None)
 
 
 def to64(t):

@@ -10,10 +10,8 @@ with ``TRITON_INTERPRET=1`` set (and removed again afterwards if it was set here
 already imported as the compiler (not the interpreter), the tests skip with that reason; on a
 machine with a GPU they skip unless ``TRITON_INTERPRET=1`` is already in the environment.
 """
-import importlib
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ if str(ROOT) not in sys.path:  # _triton_impl falls back to ``import kernels`` i
 
 from adcert import ops  # noqa: E402,F401  (loads adcert._C: the CPU op)
 from adcert.ops import reference as ref  # noqa: E402
+from conftest import interpreted_kernel  # noqa: E402
 
 F64 = torch.float64
 
@@ -38,25 +37,7 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def KA():
     """The interpreted ``kernels/adcert_loss.py`` (package ``_adcert_kernels_interpreted``)."""
-    set_here = os.environ.get("TRITON_INTERPRET") != "1"
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton", reason="triton is not installed")
-        from triton.language import standard
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(standard.sum, InterpretedFunction):
-            pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with "
-                        "TRITON_INTERPRET=1 in the environment")
-        name = "_adcert_kernels_interpreted"
-        package = sys.modules.get(name)
-        if package is None:
-            package = types.ModuleType(name)
-            package.__path__ = [str(ROOT / "kernels")]
-            sys.modules[name] = package
-        yield importlib.import_module(f"{name}.adcert_loss")
-    finally:
-        if set_here:
-            os.environ.pop("TRITON_INTERPRET", None)
+    yield from interpreted_kernel("adcert_loss")
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,8 @@ this module collects without importing triton; a module fixture loads triton and
 ``TRITON_INTERPRET=1`` set, and skips when triton was already imported as the compiler or when a
 GPU is present without ``TRITON_INTERPRET=1`` in the environment.
 """
-import importlib
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -28,30 +26,13 @@ if str(ROOT) not in sys.path:  # _triton_impl falls back to ``import kernels`` i
 
 from adcert.ops.brent_step import (DONE, XCUR, brent_init,  # noqa: E402  (loads adcert._C)
                                    brent_step_reference)
+from conftest import interpreted_kernel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def KB():
     """The interpreted ``kernels/brent_step.py`` (package ``_adcert_kernels_interpreted``)."""
-    set_here = os.environ.get("TRITON_INTERPRET") != "1"
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton", reason="triton is not installed")
-        from triton.language import standard
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(standard.sum, InterpretedFunction):
-            pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with "
-                        "TRITON_INTERPRET=1 in the environment")
-        name = "_adcert_kernels_interpreted"
-        package = sys.modules.get(name)
-        if package is None:
-            package = types.ModuleType(name)
-            package.__path__ = [str(ROOT / "kernels")]
-            sys.modules[name] = package
-        yield importlib.import_module(f"{name}.brent_step")
-    finally:
-        if set_here:
-            os.environ.pop("TRITON_INTERPRET", None)
+    yield from interpreted_kernel("brent_step")
 
 
 @pytest.fixture(autouse=True)
