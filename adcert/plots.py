@@ -35,6 +35,15 @@ def _check_path(path) -> str:
     return path
 
 
+def _save(fig, ax, path: str, title: Optional[str]) -> None:
+    """Legend, optional title, tight layout; write ``path`` (PNG, 120 dpi)."""
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot_certified_accuracy(runs: Mapping[str, Tensor], eps_max: float, path,
                             correct: Optional[Mapping[str, Tensor]] = None,
                             points: int = 201, title: Optional[str] = None) -> str:
@@ -66,11 +75,7 @@ def plot_certified_accuracy(runs: Mapping[str, Tensor], eps_max: float, path,
         ax.set_xlim(0, eps_max)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        if title:
-            ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        _save(fig, ax, path, title)
     finally:
         plt.close(fig)
     return path
@@ -102,11 +107,7 @@ def plot_tradeoff(runs: Mapping[str, Tuple[float, float]], path,
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=8)
-        if title:
-            ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        _save(fig, ax, path, title)
     finally:
         plt.close(fig)
     return path
