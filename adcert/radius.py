@@ -21,8 +21,9 @@ Cost, in bound passes of ``B`` rows (a compacted pass of ``k`` rows counts ``k /
 of the root within ``xtol``, after the root is located to ``xtol / 2``; since ``R`` is piecewise
 linear with a kink per ReLU crossing, secant steps gain a factor of ~10-100 each, not
 quadratically, so at ``xtol = 1e-4 eps_max`` a search with ``logits`` and ``sync_every=1``
-measured 5.3-6.4 passes on random CNN3/CNN7 (3.4-3.5 on a trained digits model, where fewer
-samples have an interior root); ACERT's ``maxiter = 2`` costs exactly 3.
+measured 4.41 passes on CNN7 at ``ibp_init`` (every sample with an interior root), 5.3-6.4 on
+CNN3/CNN7 at the default initialisation and 3.4-3.5 on a trained digits model, where fewer
+samples have an interior root; ACERT's ``maxiter = 2`` costs exactly 3.
 
 Floating point: the verdicts are those of the bound passes as computed (full batch, unless
 ``sync_every`` compacts it). A default (``sound=False``) bound is exact only up to rounding, which
