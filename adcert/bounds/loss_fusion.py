@@ -52,6 +52,7 @@ from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import Eps, check_x, check_x_for_plan, check_y, check_y_range, input_box
 from adcert.bounds.linear_relax import backward_lower, lower_plan
 from adcert.bounds.plan import get_plan
+from adcert.bounds.spec import fold_margin_spec
 from adcert.ops._checks import value_checks
 
 Tensor = torch.Tensor
@@ -88,8 +89,8 @@ def _margin_boxes(plan, mu: Tensor, r: Tensor, stats, y: Tensor, n: int,
     if final is not None:
         h_mu, h_r = ibp_steps(plan.steps[:-1], mu, r, stats, relu_boxes)
         weight, bias = effective_linear(final, stats)                 # [n, K], [n]
-        A = weight.unsqueeze(0) - weight[y].unsqueeze(1)               # [B, n, K]
-        const = bias.unsqueeze(0) - bias[y].unsqueeze(1)               # [B, n]
+        w_spec, b_spec = fold_margin_spec(weight, bias, y)             # rows of z_y - z_i
+        A, const = -w_spec, -b_spec                                    # [B, n, K], [B, n]
     else:
         h_mu, h_r = ibp_steps(plan.steps, mu, r, stats, relu_boxes)
         eye = torch.eye(n, dtype=mu.dtype, device=mu.device)
