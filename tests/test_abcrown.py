@@ -18,7 +18,7 @@ import yaml
 from adcert.certify import certify, read_journal, report
 from adcert.certify.abcrown import (
     ENV_VAR, AbcrownError, AbcrownNotFound, AbcrownStage, abcrown_config, find_abcrown,
-    input_box, load_for_abcrown, map_status, read_results, write_hooks, write_vnnlib,
+    vnnlib_box, load_for_abcrown, map_status, read_results, write_hooks, write_vnnlib,
 )
 from adcert.certify.journal import journal_name
 from test_certify import EPS, grid_counterexample, in_box, planted, predict, toy_net
@@ -46,7 +46,7 @@ def parse_vnnlib(path):
 def test_vnnlib_holds_the_clipped_box_rounded_outward_and_the_robustness_property(tmp_path):
     x = torch.tensor([[0.0, 0.3], [0.999, 0.5]], dtype=torch.float64)  # one sample, [2, 2]
     eps = 0.1
-    lo, hi = input_box(x, eps)
+    lo, hi = vnnlib_box(x, eps)
     exact_lo = np.clip(x.reshape(-1).numpy() - eps, 0, 1)
     exact_hi = np.clip(x.reshape(-1).numpy() + eps, 0, 1)
     assert np.all(lo <= exact_lo) and np.all(hi >= exact_hi)          # contains our box

@@ -104,7 +104,7 @@ def _outward_f32(lo: np.ndarray, hi: np.ndarray) -> Tuple[np.ndarray, np.ndarray
     return lo32.astype(np.float64), hi32.astype(np.float64)
 
 
-def input_box(x: Tensor, eps: float) -> Tuple[np.ndarray, np.ndarray]:
+def vnnlib_box(x: Tensor, eps: float) -> Tuple[np.ndarray, np.ndarray]:
     """The box ``[clip(x - eps, 0, 1), clip(x + eps, 0, 1)]`` of one sample ``x: [*in]``,
     flattened (C order) to float64 arrays ``[numel]``, rounded outward to float32 values."""
     xf = x.detach().to("cpu", torch.float64).reshape(-1).numpy()
@@ -363,7 +363,7 @@ class AbcrownStage:
     def _confirm(model, x, y, eps, cex, verify) -> Optional[Tensor]:
         """A saved counterexample that, projected into ``x``'s box, our forward pass
         misclassifies (``z_i >= z_y``), as ``[*in]`` in ``x``'s dtype; else ``None``."""
-        lo, hi = input_box(x, eps)
+        lo, hi = vnnlib_box(x, eps)
         for c in cex:
             if c.numel() != x.numel():
                 continue
@@ -382,7 +382,7 @@ class AbcrownStage:
         n = x.shape[0]
         specs = []
         for j in range(n):
-            lo, hi = input_box(x[j], eps)
+            lo, hi = vnnlib_box(x[j], eps)
             spec = work / f"spec_{j}.vnnlib"
             write_vnnlib(spec, lo, hi, int(y[j]), num_classes)
             specs.append(str(spec))
@@ -482,7 +482,7 @@ def _launch(argv: Sequence[str]) -> None:
 
 
 __all__ = ["AbcrownStage", "AbcrownOutcome", "AbcrownNotFound", "AbcrownError", "find_abcrown",
-           "input_box", "write_vnnlib", "read_results", "map_status", "abcrown_config",
+           "vnnlib_box", "write_vnnlib", "read_results", "map_status", "abcrown_config",
            "write_hooks", "load_for_abcrown", "save_counterexample", "read_counterexamples",
            "ENV_VAR", "STAGE_NAME"]
 
