@@ -166,7 +166,7 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, eps_max: float,
             ``logits`` only the ``eps_max`` side needs it), which costs one host
             synchronisation before the loop.
         sync_every: see :func:`brent_search` (``None``: no synchronisation, ``maxiter`` passes).
-        bn_stats: frozen batch-norm statistics for training-mode models (default: the clean
+        bn_stats: the step's batch-norm statistics for training-mode models (default: the clean
             statistics of ``x``, computed once and reused by every pass).
         logits: optional clean logits ``[B, C]`` of ``model`` on ``x`` (same mode and batch-norm
             statistics): ``R(0)`` is then read from them instead of an eps = 0 bound pass (one

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.attacks import (adversarial_certainty, edac_attack, edac_lookahead, frozen_bn,
-                            margin_loss, pgd_attack)
+                            margin_loss, pgd_attack, shared_bn)
 from adcert.bounds import clean_bn_stats
 
 
@@ -106,16 +106,60 @@ def test_restarts_keep_the_per_sample_best(trained):
     torch.testing.assert_close(got, losses.max(0).values)
 
 
-def test_frozen_bn_restores_after_an_exception():
+def _eval_twin(model, mean, var):
+    """An eval-mode copy of ``bn_net`` normalising with ``(mean, var)`` as running statistics."""
+    twin = copy.deepcopy(model).eval()
+    twin[1].running_mean.copy_(mean)
+    twin[1].running_var.copy_(var)
+    return twin
+
+
+@pytest.mark.parametrize("context", [frozen_bn, shared_bn])
+def test_bn_context_normalises_with_given_stats_and_restores_after_an_exception(context):
     model = bn_net().train()
     bn = model[1]
     mean, var = torch.randn(16), torch.rand(16) + 0.5
-    buffers = (bn.running_mean, bn.running_var)
+    buffers = (bn.running_mean.clone(), bn.running_var.clone())
+    x = torch.rand(5, 6)
     with pytest.raises(RuntimeError, match="boom"):
-        with frozen_bn(model, {bn: (mean, var)}):
-            assert not bn.training and torch.equal(bn.running_mean, mean)
+        with context(model, {bn: (mean, var)}):
+            torch.testing.assert_close(model(x), _eval_twin(model, mean, var)(x))
             raise RuntimeError("boom")
-    assert bn.training and bn.running_mean is buffers[0] and bn.running_var is buffers[1]
+    assert bn.training and "forward" not in bn.__dict__
+    assert torch.equal(bn.running_mean, buffers[0]) and torch.equal(bn.running_var, buffers[1])
+    model(x)  # the module's own training forward again: it updates the running statistics
+    assert not torch.equal(bn.running_mean, buffers[0])
+
+
+def test_shared_bn_passes_gradients_to_the_stats_and_frozen_bn_does_not():
+    model = bn_net().train()
+    bn = model[1]
+    x = torch.rand(5, 6)
+    mean = torch.randn(16, requires_grad=True)
+    var = (torch.rand(16) + 0.5).requires_grad_()
+    with shared_bn(model, {bn: (mean, var)}):
+        model(x).square().sum().backward()
+    assert mean.grad is not None and mean.grad.abs().sum() > 0 and var.grad.abs().sum() > 0
+    mean.grad = var.grad = None
+    with frozen_bn(model, {bn: (mean, var)}):
+        out = model(x).square().sum()
+    out.backward()
+    assert mean.grad is None and var.grad is None
+
+
+def test_bn_contexts_nest_and_restore_the_enclosing_override():
+    model = bn_net().train()
+    bn = model[1]
+    outer = {bn: (torch.zeros(16), torch.ones(16))}
+    inner = {bn: (torch.randn(16), torch.rand(16) + 0.5)}
+    x = torch.rand(5, 6)
+    with shared_bn(model, outer):
+        outer_fwd = bn.__dict__["forward"]
+        with frozen_bn(model, inner):
+            torch.testing.assert_close(model(x), _eval_twin(model, *inner[bn])(x))
+        assert bn.__dict__["forward"] is outer_fwd
+        torch.testing.assert_close(model(x), _eval_twin(model, *outer[bn])(x))
+    assert "forward" not in bn.__dict__
 
 
 def test_frozen_bn_in_eval_mode_uses_running_statistics():
@@ -147,8 +191,8 @@ def test_edac_lookahead_is_one_gradient_step_down_the_certainty(trained):
     got = edac_lookahead(model, x_adv, 0.3, stats)
     # independent computation on a copy in eval mode with the clean statistics as running ones
     ref = copy.deepcopy(model).eval()
-    ref[1].running_mean.copy_(stats[model[1]][0])
-    ref[1].running_var.copy_(stats[model[1]][1])
+    ref[1].running_mean.copy_(stats[model[1]][0].detach())
+    ref[1].running_var.copy_(stats[model[1]][1].detach())
     z = ref(x_adv)
     z.std(1).mean().backward()
     for name, p in ref.named_parameters():

@@ -62,18 +62,20 @@ def test_two_gloo_processes_match_one_process(tmp_path, bn_mode):
     ddp = torch.load(out / "ddp_weights.pt")
     ref = single.model.state_dict()
     assert ddp.keys() == ref.keys()
-    # A conv/linear bias right before a batch norm has a clean-loss gradient that is exactly 0
-    # mathematically; in bn_mode batch the first step (eps 0, clean loss only) gives it pure
-    # rounding noise, which Adam normalises into a step of size ~lr in a noise-dependent
-    # direction. Those biases (and the running means they shift) may differ by ~lr; every
-    # other tensor must agree to rounding.
+    # A conv/linear bias right before a batch norm has a gradient that is exactly 0
+    # mathematically when the loss sees the batch norm's statistics as functions of the
+    # parameters (bn_mode batch: every loss of every step); the computed one is pure rounding
+    # noise, which Adam normalises into a step of size ~lr in a noise-dependent direction. The
+    # function does not depend on those biases; they (and the running means they shift) may
+    # drift apart by up to ~lr per step; every other tensor must agree to rounding.
+    steps, lr = 2 * 128 // 32, 1e-3
     pre_bn = {"1.bias", "4.bias", "8.bias", "2.running_mean", "5.running_mean",
               "9.running_mean"} if bn_mode == "batch" else set()
     for k, v in ref.items():
         if not v.is_floating_point():
             assert torch.equal(ddp[k], v), k
         elif k in pre_bn:
-            torch.testing.assert_close(ddp[k], v, rtol=0, atol=3e-3, msg=k)
+            torch.testing.assert_close(ddp[k], v, rtol=0, atol=2 * lr * steps, msg=k)
         else:
             torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
     # and training moved the weights (the comparison is not between two initialisations)

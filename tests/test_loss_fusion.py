@@ -307,17 +307,18 @@ def test_fp32_agrees_with_fp64():
 # --------------------------------------------------------------------------- gradients
 def test_gradients_reach_every_parameter_and_match_finite_differences():
     """fp64 central differences on every entry of every parameter of a tiny MLP with BN in
-    frozen-train mode (statistics fixed, as in a training step), with a random upstream weight
-    per sample (``grad_output != 1``)."""
+    training mode, the clean-batch statistics a function of the parameters (as in a training
+    step, DESIGN.md section 5), with a random upstream weight per sample
+    (``grad_output != 1``)."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4),
                           nn.ReLU(), nn.Linear(4, 3)).train()
     x, y = torch.rand(4, 3), torch.tensor([0, 1, 2, 1])
-    stats = clean_bn_stats(model, x)
     g = torch.rand(4) + 0.5
     eps = 0.1
 
     def f():
+        stats = clean_bn_stats(model, x)
         return (crown_ibp_ce_upper(model, x, eps, y, bn_stats=stats) * g).sum()
 
     f().backward()
@@ -340,7 +341,7 @@ def test_gradients_reach_every_parameter_and_match_finite_differences():
             torch.testing.assert_close(p.grad, fd, rtol=1e-5, atol=1e-6, msg=name)
     # and w.r.t. the input (the box moves with x)
     xg = x.clone().requires_grad_(True)
-    (crown_ibp_ce_upper(model, xg, eps, y, bn_stats=stats) * g).sum().backward()
+    (crown_ibp_ce_upper(model, xg, eps, y, bn_stats=clean_bn_stats(model, x)) * g).sum().backward()
     assert xg.grad is not None and bool(torch.isfinite(xg.grad).all())
 
 

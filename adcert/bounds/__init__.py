@@ -3,7 +3,7 @@
 * :func:`compute_bounds` -- output bounds ``(lb, ub)`` or margin lower bounds (``y`` given) of an
   ``nn.Sequential`` model over an L-inf box; ``method="ibp"``, ``"crown-ibp"``, ``"crown"``,
   ``"alpha-crown"`` (:mod:`adcert.bounds.crown`; ``sound=True``: :mod:`adcert.bounds.crown_sound`).
-* :func:`clean_bn_stats` -- frozen clean-batch statistics of the training-mode batch norms, to be
+* :func:`clean_bn_stats` -- clean-batch statistics of the training-mode batch norms, to be
   reused across the attack and bound passes of one training step (DESIGN.md section 5).
 * :func:`crown_ibp_ce_upper` -- CROWN-IBP loss fusion: a per-sample upper bound of the CE loss
   over the box with one backward row per sample (:mod:`adcert.bounds.loss_fusion`).

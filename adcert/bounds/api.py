@@ -148,8 +148,9 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
         0, computed with the specification folded into the last linear layer when the model ends
         in one; ``F.cross_entropy(-margins, y)`` is the IBP loss.
 
-    Differentiable w.r.t. the model's parameters (and ``x``, ``eps``, ``x_L``, ``x_U``). Batch-norm
-    statistics are detached. Raises ``NotImplementedError`` for unsupported modules or methods,
+    Differentiable w.r.t. the model's parameters (and ``x``, ``eps``, ``x_L``, ``x_U``) and, for
+    training-mode batch norms, through their statistics (given or computed from ``x``; DESIGN.md
+    section 5). Raises ``NotImplementedError`` for unsupported modules or methods,
     ``TypeError``/``ValueError`` naming the argument for bad inputs.
     """
     run = _get_method(method)

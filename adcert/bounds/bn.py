@@ -3,9 +3,11 @@
 * In eval mode -- the model's ``training`` flag is False, or the batch norm's own is -- a batch norm
   uses its running statistics.
 * In training mode (both flags True), or when it has no running statistics, it uses the
-  per-channel mean and biased variance of the CLEAN batch at its input, detached (frozen). They
-  are computed once (:func:`adcert.bounds.clean_bn_stats`) and reused for the attack and every
-  bound pass of a step.
+  per-channel mean and biased variance of the CLEAN batch at its input. They are computed once
+  per training step (by the trainer's clean forward, or :func:`adcert.bounds.clean_bn_stats`) and
+  reused by the attack and every bound pass of the step, as given: differentiable tensors stay
+  differentiable, so a robust loss's gradient flows through the clean batch's statistics
+  (DESIGN.md section 5); pass detached ones for a constant map.
 * Nothing here ever updates running statistics.
 
 A statistics dict maps each batch-norm module to ``(mean, var)``, both ``[C]``.
@@ -32,8 +34,7 @@ def uses_batch_stats(bn: nn.Module, model_training: bool = True) -> bool:
 
 
 def batch_stats(h: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``h: [B, C, *]``, detached; both ``[C]``."""
-    h = h.detach()
+    """Per-channel mean and biased variance of ``h: [B, C, *]`` (differentiable); both ``[C]``."""
     dims = [0] + list(range(2, h.dim()))
     var, mean = torch.var_mean(h, dim=dims, correction=0)
     return mean, var
@@ -43,6 +44,16 @@ def bn_scale_shift(bn: nn.Module, mean: Tensor, var: Tensor) -> Tuple[Tensor, Te
     """The batch norm as a per-channel affine map ``y = scale * x + shift`` given statistics;
     ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; both ``[C]``."""
     return batch_norm_scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
+
+
+def normalise(bn: nn.Module, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """``bn``'s normalisation of ``h: [B, C, *]`` with statistics ``mean, var: [C]`` as the
+    affine map :func:`bn_scale_shift` (the form the bound engine folds, so a bound pass at radius
+    0 reproduces it), differentiable with respect to the statistics too -- ``F.batch_norm``
+    refuses gradients for them in evaluation mode."""
+    scale, shift = bn_scale_shift(bn, mean, var)
+    shape = [1, -1] + [1] * (h.dim() - 2)
+    return h * scale.view(shape) + shift.view(shape)
 
 
 def running_stats(bn: nn.Module) -> Tuple[Tensor, Tensor]:
@@ -74,14 +85,14 @@ def pick_stats(bn: nn.Module, h: Optional[Tensor], given: Optional[Mapping],
                collect: Optional[BNStats], model_training: bool) -> Tuple[Tensor, Tensor]:
     """The ``(mean, var)`` to normalise with at ``bn``.
 
-    Eval mode -> running statistics. Training mode -> ``given[bn]`` if present (detached), else the
-    batch statistics of the clean activation ``h`` (then also stored in ``collect``).
+    Eval mode -> running statistics. Training mode -> ``given[bn]`` if present (as given, not
+    detached), else the batch statistics of the clean activation ``h`` (then also stored in
+    ``collect``).
     """
     if not uses_batch_stats(bn, model_training):
         return running_stats(bn)
     if given is not None and bn in given:
-        mean, var = given[bn]
-        return mean.detach(), var.detach()
+        return given[bn]
     if h is None:
         raise ValueError(f"bn_stats: no statistics for the training-mode {type(bn).__name__}"
                          f"({bn.num_features}); pass clean_bn_stats(model, x) for this model")

@@ -2,7 +2,7 @@
 
 It computes exactly what the model computes, with the bound engine's batch-norm convention
 (:mod:`adcert.bounds.bn`) and without touching running statistics. Its main use is
-:func:`clean_bn_stats`: the frozen clean-batch statistics of every training-mode batch norm.
+:func:`clean_bn_stats`: the clean-batch statistics of every training-mode batch norm.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ Tensor = torch.Tensor
 def _batch_norm(bn: nn.Module, h: Tensor, given: Optional[Mapping],
                 collect: Optional[BNStats], model_training: bool) -> Tensor:
     mean, var = bnlib.pick_stats(bn, h, given, collect, model_training)
-    return F.batch_norm(h, mean, var, bn.weight, bn.bias, training=False, eps=bn.eps)
+    return bnlib.normalise(bn, h, mean, var)
 
 
 def clean_forward(plan: LayerPlan, x: Tensor, bn_stats: Optional[Mapping] = None,
@@ -78,33 +78,35 @@ def _forward_steps(steps, h: Tensor, bn_stats, collect, model_training: bool) ->
 
 
 def clean_bn_stats(model: nn.Module, x: Tensor) -> BNStats:
-    """Frozen clean-batch statistics ``{bn_module: (mean, var)}`` (both ``[C]``, detached) for every
-    batch norm of ``model`` that is in training mode (``model.training`` and the module's own
-    flag, or no running statistics), from one clean forward of ``x: [B, *in]``.
+    """Clean-batch statistics ``{bn_module: (mean, var)}`` (both ``[C]``) for every batch norm of
+    ``model`` that is in training mode (``model.training`` and the module's own flag, or no
+    running statistics), from one clean forward of ``x: [B, *in]``.
 
     Pass the result as ``compute_bounds(..., bn_stats=...)`` to reuse the same statistics for
-    every attack and bound pass of a training step (DESIGN.md section 5). Eval-mode batch norms
-    use their running statistics and are not included. Running statistics are not updated.
+    every attack and bound pass of a training step (DESIGN.md section 5). Under autograd they
+    are differentiable functions of the parameters (and ``x``), so a loss computed with them
+    has the gradient the clean forward would give it; ``.detach()`` them for a constant map.
+    Eval-mode batch norms use their running statistics and are not included. Running
+    statistics are not updated.
     """
     check_x(x)
     plan = get_plan(model)
     collect: BNStats = {}
-    with torch.no_grad():
-        clean_forward(plan, x, None, collect, model.training)
+    clean_forward(plan, x, None, collect, model.training)
     return collect
 
 
 def resolve_bn_stats(plan: LayerPlan, x: Tensor, given: Optional[Mapping],
                      model_training: bool) -> BNStats:
     """The ``(mean, var)`` every batch norm of ``plan`` is to use in a bound pass: running
-    statistics in eval mode; ``given[bn]`` or the clean-batch statistics of ``x`` in training
-    mode (one clean forward, only if some training-mode batch norm is missing from ``given``).
+    statistics in eval mode; ``given[bn]`` or the clean-batch statistics of ``x``
+    (differentiable) in training mode (one clean forward, only if some training-mode batch norm
+    is missing from ``given``).
     ``model_training``: the model's own ``training`` flag."""
     bns = plan.batch_norms()
     missing = [m for m in bns if bnlib.uses_batch_stats(m, model_training)
                and (given is None or m not in given)]
     merged = dict(given) if given is not None else {}
     if missing:
-        with torch.no_grad():
-            clean_forward(plan, x, given, merged, model_training)
+        clean_forward(plan, x, given, merged, model_training)
     return {m: bnlib.pick_stats(m, None, merged, None, model_training) for m in bns}

@@ -1,6 +1,6 @@
 """Splitting a sequential model into a feature extractor and a head (TAPS, STAPS, CC-DIST).
 
-The two parts share the original modules (no copies), so the step's frozen batch-norm statistics
+The two parts share the original modules (no copies), so the step's batch-norm statistics
 ``{bn: (mean, var)}`` and the optimiser's parameters apply to them unchanged.
 """
 from __future__ import annotations

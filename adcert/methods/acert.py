@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds import compute_bounds
-from adcert.methods.base import Method, MethodOutput, StepState, register
+from adcert.methods.base import Method, MethodOutput, StepState, register, with_bn_stats
 from adcert.radius import certified_radius
 
 try:  # Shi et al.'s warm-up regularisers (adcert.methods.regularizers, when present)
@@ -180,6 +180,7 @@ class ACERT(Method):
         nat = F.cross_entropy(logits, y)
         if state.eps <= 0:
             return MethodOutput(nat, logits.detach(), None, {"loss_nat": nat.detach()})
+        state = with_bn_stats(model, x, state)
         radius, iters = self.radii(model, x, y, logits, state, index)
         reg_on = self.reg_lambda > 0 and state.warmup and warmup_regularizer is not None
         relu_bounds = [] if reg_on else None

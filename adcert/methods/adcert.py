@@ -68,7 +68,7 @@ class ADCert(IBPFamily):
                             self.step_size)
         margins = self.ibp_margins(model, x, y, state, reg)
         alpha = self.current_alpha(state)
-        adv_logits = self.frozen_forward(model, x_adv, state)
+        adv_logits = self.shared_forward(model, x_adv, state)
         loss = adcert_loss(adv_logits, teacher_logits, margins, alpha, tau=self.tau,
                            clean_logits=self.clean_term(logits), adv_weight=self.adv_weight)
         return loss, margins, {"alpha": alpha}

@@ -13,6 +13,7 @@ never import :mod:`adcert.train`.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
@@ -31,10 +32,11 @@ class StepState:
     eps:         the scheduled radius ``eps_t`` of this step (pixel space, >= 0).
     eps_target:  the final training radius ``eps`` (> 0).
     epoch, step: 0-based epoch and global step.
-    bn_stats:    frozen clean-batch statistics ``{bn: (mean, var)}`` of the training-mode batch
-                 norms for this step (:func:`adcert.bounds.clean_bn_stats`), to be reused by every
-                 attack and bound pass of the step (DESIGN.md section 5); ``None`` lets the bound
-                 engine compute them from ``x``.
+    bn_stats:    the clean-batch statistics ``{bn: (mean, var)}`` of the training-mode batch
+                 norms for this step (the trainer's, or :func:`adcert.bounds.clean_bn_stats`),
+                 reused by every attack and bound pass of the step, differentiable (DESIGN.md
+                 section 5); ``None``: the method computes them from ``x`` once
+                 (:func:`with_bn_stats`).
     coef:        the method-coefficient ramp value in [0, 1] for methods that ramp a coefficient
                  with eps (CROWN-IBP's beta goes ``1 - coef``); defaults to ``eps / eps_target``.
     index:       ``[B]`` int64 dataset indices of the batch's samples (the trainer fills it;
@@ -60,6 +62,22 @@ class StepState:
     def warmup(self) -> bool:
         """True while the scheduled eps has not reached its target."""
         return self.ramp < 1.0
+
+
+def with_bn_stats(model: nn.Module, x: Tensor, state: StepState) -> StepState:
+    """``state`` itself when it carries batch-norm statistics or ``model`` has no training-mode
+    batch norm; else a copy with the clean-batch statistics of ``x: [B, *in]``
+    (:func:`adcert.bounds.clean_bn_stats`, differentiable), so a method called outside the
+    trainer still reuses one set of statistics for all its passes."""
+    if state.bn_stats is not None:
+        return state
+    from adcert.bounds import clean_bn_stats
+    from adcert.bounds.bn import uses_batch_stats
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and uses_batch_stats(m, model.training) for m in model.modules()):
+        return state
+    return dataclasses.replace(state, bn_stats=clean_bn_stats(model, x))
 
 
 @dataclass
@@ -136,4 +154,5 @@ def get_method(name: str, **hparams: Any) -> Method:
     return cls(**hparams)
 
 
-__all__ = ["StepState", "MethodOutput", "Method", "METHODS", "register", "get_method"]
+__all__ = ["StepState", "with_bn_stats", "MethodOutput", "Method", "METHODS", "register",
+           "get_method"]

@@ -67,7 +67,7 @@ class CCDist(IBPFamily):
             t = self.teacher_h(x).flatten(1)
         x_adv = self.attack(model, x, y, self.scale * state.eps, self.steps, state,
                             self.step_size)
-        f_adv = self.frozen_forward(h, x_adv, state)
+        f_adv = self.shared_forward(h, x_adv, state)
         z_adv = g(f_adv)
         x_L, x_U = (x - state.eps).clamp(0, 1), (x + state.eps).clamp(0, 1)
         relu_bounds = reg.relu_bounds if reg.active else None

@@ -38,4 +38,4 @@ class EDAC(PGD):
 
     def robust_loss(self, model, x, y, state, logits, reg):
         x_adv = self.edac_examples(model, x, y, state)
-        return F.cross_entropy(self.frozen_forward(model, x_adv, state), y), None, {}
+        return F.cross_entropy(self.shared_forward(model, x_adv, state), y), None, {}

@@ -2,9 +2,10 @@
 
     loss = (1 - w_rob) CE(f(x), y) + w_rob L_rob + lambda (1 - eps_t / eps) R_warmup
 
-``f(x)`` is the clean training-mode forward (the step's one update of the batch-norm running
-statistics); every bound and attack pass uses the step's frozen clean-batch statistics
-(``state.bn_stats``). At ``eps_t = 0`` (the clean first epoch) the loss is plain CE. Subclasses
+``f(x)`` is the clean training-mode forward; every other forward and bound pass of the step
+normalises with the step's clean-batch statistics (``state.bn_stats``), differentiably, so the
+robust loss's gradient flows through them as CTBench's does (DESIGN.md section 5); only the
+attack's inner steps use detached copies. At ``eps_t = 0`` (the clean first epoch) the loss is plain CE. Subclasses
 implement :meth:`robust_loss`.
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adcert.attacks import frozen_bn, pgd_attack
+from adcert.attacks import pgd_attack, shared_bn
 from adcert.bounds import compute_bounds
-from adcert.methods.base import Method, MethodOutput, StepState
+from adcert.methods.base import Method, MethodOutput, StepState, with_bn_stats
 from adcert.methods.regularizers import warmup_regularizer
 
 Tensor = torch.Tensor
@@ -57,7 +58,7 @@ class IBPFamily(Method):
                     reg: Optional[RegContext] = None, eps: Optional[float] = None,
                     x_L: Optional[Tensor] = None, x_U: Optional[Tensor] = None) -> Tensor:
         """IBP margin lower bounds ``[B, C]`` over the box (``eps`` defaults to ``state.eps``),
-        with the step's frozen BN statistics; fills ``reg`` when it is active."""
+        with the step's BN statistics; fills ``reg`` when it is active."""
         if x_L is None:
             e = state.eps if eps is None else eps
             x_L, x_U = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
@@ -73,16 +74,18 @@ class IBPFamily(Method):
         return F.cross_entropy(-margins, y)
 
     @staticmethod
-    def frozen_forward(model: nn.Module, x: Tensor, state: StepState) -> Tensor:
-        """``model(x)`` with the step's frozen BN statistics and no running-statistics update:
-        every forward of a step except the clean one (DESIGN.md section 5)."""
-        with frozen_bn(model, state.bn_stats):
+    def shared_forward(model: nn.Module, x: Tensor, state: StepState) -> Tensor:
+        """``model(x)`` normalised with the step's BN statistics, gradients flowing through
+        them, and no running-statistics update: every forward of a loss except the clean one
+        (DESIGN.md section 5)."""
+        with shared_bn(model, state.bn_stats):
             return model(x)
 
     @staticmethod
     def attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int,
                state: StepState, step_size: Optional[float] = None, restarts: int = 1) -> Tensor:
-        """CE-PGD in the eps-ball with the step's frozen BN statistics (input gradients only)."""
+        """CE-PGD in the eps-ball with the step's BN statistics, detached (input gradients
+        only)."""
         if eps <= 0:
             return x.detach()
         return pgd_attack(model, x, y, eps, steps=steps, step_size=step_size,
@@ -100,6 +103,7 @@ class IBPFamily(Method):
         if state.eps <= 0:
             return MethodOutput(nat, logits.detach(), None, {"loss_nat": nat.detach()})
         reg = RegContext(self.reg_lambda > 0 and state.warmup)
+        state = with_bn_stats(model, x, state)
         rob, margins, logs = self.robust_loss(model, x, y, state, logits, reg)
         total = (1 - self.w_rob) * nat + self.w_rob * rob
         logs = {"loss_nat": nat.detach(), "loss_rob": rob.detach(), **logs}

@@ -33,7 +33,7 @@ class _Expressive(IBPFamily):
     def robust_loss(self, model, x, y, state, logits, reg):
         x_adv = self.attack(model, x, y, self.scale * state.eps, self.steps, state,
                             self.step_size)
-        adv_logits = self.frozen_forward(model, x_adv, state) if self.alpha < 1 else None
+        adv_logits = self.shared_forward(model, x_adv, state) if self.alpha < 1 else None
         margins = self.ibp_margins(model, x, y, state, reg)
         return self.combine(adv_logits, margins, y), margins, {}
 

@@ -24,4 +24,4 @@ class PGD(IBPFamily):
     def robust_loss(self, model, x, y, state, logits, reg):
         x_adv = self.attack(model, x, y, self.scale * state.eps, self.steps, state,
                             self.step_size, self.restarts)
-        return F.cross_entropy(self.frozen_forward(model, x_adv, state), y), None, {}
+        return F.cross_entropy(self.shared_forward(model, x_adv, state), y), None, {}

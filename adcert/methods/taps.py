@@ -34,8 +34,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from adcert.attacks.bn import frozen_bn
-from adcert.bounds import clean_bn_stats, compute_bounds
+from adcert.attacks.bn import frozen_bn, shared_bn
+from adcert.bounds import compute_bounds
 from adcert.methods._split import split_by_relus
 from adcert.methods.base import register
 from adcert.methods.ibp_family import IBPFamily
@@ -180,7 +180,7 @@ class TAPS(IBPFamily):
 
     def robust_loss(self, model, x, y, state, logits, reg):
         extractor, head = self.split(model)
-        stats = state.bn_stats if state.bn_stats is not None else clean_bn_stats(model, x)
+        stats = state.bn_stats
         x_L, x_U = self.input_box(model, x, y, state)
         relu_bounds = reg.relu_bounds if reg.active else None
         if relu_bounds is not None:
@@ -189,8 +189,9 @@ class TAPS(IBPFamily):
                                 relu_bounds=relu_bounds)
         m_ibp = compute_bounds(head, (lb + ub) / 2, x_L=lb, x_U=ub, y=y, bn_stats=stats,
                                relu_bounds=relu_bounds)
-        with frozen_bn(head, stats):
+        with frozen_bn(head, stats):  # the search needs input gradients only
             pts = self.search(head, lb, ub, y, logits.shape[1])
+        with shared_bn(head, stats):
             m_taps = class_margins(head, RectifiedLink.apply(lb, ub, pts, self.soft_thre), y)
         loss = GradScale.apply(self.ibp_loss(m_taps, y), self.grad_scale)
         ibp = self.ibp_loss(m_ibp, y)

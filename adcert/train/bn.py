@@ -1,28 +1,32 @@
 """Batch-norm statistics for training (DESIGN.md section 5, the CTBench convention).
 
-* :func:`global_batch_stats`: the frozen clean statistics of the whole global batch -- every
-  process's local batch, all micro-batches -- computed once per step, layer by layer, so each
-  batch norm's statistics are those of its input normalised with the global statistics of the
-  layers before it (exactly what one process with the whole batch would compute). With
-  ``torch.distributed`` initialised the sums are all-reduced (gloo or NCCL).
-* :func:`synced_batch_norm`: the clean forward's batch norm in ``bn_mode: batch`` -- batch
-  statistics with gradients through them, synchronised over processes (SyncBatchNorm's
-  semantics on any backend, without replacing the modules, so bound passes still see them).
+* :class:`StepBatchNorm`: one optimiser step's clean-batch statistics. The first forward of the
+  step through a training-mode batch norm -- the method's clean forward ``model(x)`` -- computes
+  the per-channel mean and biased variance of its input (all-reduced over processes when
+  distributed) and normalises with them; every later forward and bound pass of the step reuses
+  the same tensors. They stay differentiable, so the robust loss's gradient flows through the
+  clean batch's statistics into the parameters, exactly as in the clean forward (CTBench stores
+  ``x.mean/var`` without ``.detach()``). Under gradient accumulation the statistics of the whole
+  global batch are computed once, up front, and each micro-batch's gradient with respect to them
+  is pushed through their graph once at the end of the step. ``detach=True`` is the ablation
+  that treats them as constants (``bn_mode: frozen``; it trains markedly worse).
+* :func:`global_batch_stats`: the same statistics, detached, from one forward of a batch.
 * :func:`update_running_stats`: the momentum (or cumulative) update of the running statistics
-  with those global statistics, once per step -- what ``nn.BatchNorm`` does in training mode.
+  with the step's statistics, once per step -- what ``nn.BatchNorm`` does in training mode.
 * :func:`population_stats`: recompute the running statistics over a whole data set as a
   cumulative average (``momentum=None``), for evaluation.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Dict, Iterable, Iterator, Tuple
+from typing import Dict, Iterable, List, Mapping, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+
+from adcert.attacks.bn import override_bn_forward
+from adcert.bounds.bn import normalise
 
 Tensor = torch.Tensor
 BNStats = Dict[nn.Module, Tuple[Tensor, Tensor]]
@@ -39,96 +43,153 @@ def training_bns(model: nn.Module):
             and (m.running_mean is None or (model.training and m.training))]
 
 
-def global_batch_stats(model: nn.Module, x: Tensor) -> Tuple[BNStats, Dict[nn.Module, int]]:
-    """``({bn: (mean, var)}, {bn: n})`` for every training-mode batch norm: per-channel mean and
-    biased variance (``[C]``, detached, in the input's dtype) of the clean batch ``x: [B, *in]``
-    summed over all processes, and the element count ``n`` per channel. Two-pass (mean, then
-    centred sum of squares), accumulated in float64. Running statistics are not touched."""
-    bns = training_bns(model)
-    stats: BNStats = {}
-    counts: Dict[nn.Module, int] = {}
+def _all_reduce(t: Tensor) -> Tensor:
+    """Differentiable sum over processes (identity in one process)."""
+    if not _distributed():
+        return t
+    with warnings.catch_warnings():  # deprecated in favour of a non-autograd API
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_reduce
+        return all_reduce(t)
 
-    def forward(bn):
+
+def batch_statistics(h: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """``(mean [C], biased var [C], n)`` of ``h: [B, C, *]`` per channel over the batch and
+    spatial dimensions of every process (``n`` elements per channel in all), differentiable.
+    Two-pass: the mean, then the centred sum of squares."""
+    dims = [0] + list(range(2, h.dim()))
+    shape = [1, -1] + [1] * (h.dim() - 2)
+    n_local = h.numel() // h.shape[1]
+    if not _distributed():
+        var, mean = torch.var_mean(h, dim=dims, correction=0)
+        return mean, var, n_local
+    total = _all_reduce(torch.cat([h.sum(dims), h.new_tensor([n_local])]))
+    count = total[-1].detach()
+    mean = total[:-1] / count
+    var = _all_reduce((h - mean.view(shape)).pow(2).sum(dims)) / count
+    return mean, var, int(round(float(count)))
+
+
+class StepStats(Mapping):
+    """The read-only view ``{bn: (mean, var)}`` of a step's statistics that methods receive as
+    ``StepState.bn_stats``. Asking for a training-mode batch norm whose statistics the step's
+    clean forward has not computed yet is an error: a method must run ``model(x)`` first."""
+
+    def __init__(self, owner: "StepBatchNorm"):
+        self._owner = owner
+
+    def __getitem__(self, bn):
+        stats = self._owner.stats
+        if bn not in stats:
+            if bn in self._owner.bns:
+                raise RuntimeError(
+                    f"bn_stats: the step's statistics of {bn} were requested before the clean "
+                    f"forward model(x) computed them; run the clean forward first (DESIGN.md "
+                    f"section 5)")
+            raise KeyError(bn)
+        return stats[bn]
+
+    def __contains__(self, bn) -> bool:
+        if bn in self._owner.bns and bn not in self._owner.stats:
+            self[bn]  # raises the ordering error
+        return bn in self._owner.stats
+
+    def __iter__(self):
+        return iter(self._owner.stats)
+
+    def __len__(self) -> int:
+        return len(self._owner.stats)
+
+
+class StepBatchNorm:
+    """One optimiser step's batch-norm statistics (module docstring).
+
+        step_bn = StepBatchNorm(model)               # model in training mode
+        if micro_batches > 1:
+            step_bn.precompute(x_global_local_share)
+        with step_bn:                                # the step's forwards and backwards
+            loss = method.loss(model, x, y, StepState(..., bn_stats=step_bn.view))
+            loss.backward()
+        step_bn.backward()                           # only does work after precompute()
+        update_running_stats(step_bn.detached(), step_bn.counts)
+    """
+
+    def __init__(self, model: nn.Module, detach: bool = False):
+        self.model = model
+        self.detach = bool(detach)
+        self.bns: List[nn.Module] = training_bns(model)
+        self.stats: BNStats = {}
+        self.counts: Dict[nn.Module, int] = {}
+        self.view = StepStats(self)
+        self._graph: BNStats = {}
+        self._ctx = None
+
+    def _forward(self, bn: nn.Module):
         def fwd(h: Tensor) -> Tensor:
-            dims = [0] + list(range(2, h.dim()))
-            n = h.numel() // h.shape[1]
-            h64 = h.detach().double()
-            total = torch.cat([h64.sum(dims), h64.new_tensor([n])])
-            if _distributed():
-                dist.all_reduce(total)
-            count = total[-1]
-            mean = total[:-1] / count
-            shape = [1, -1] + [1] * (h.dim() - 2)
-            sq = ((h64 - mean.view(shape)) ** 2).sum(dims)
-            if _distributed():
-                dist.all_reduce(sq)
-            var = sq / count
-            stats[bn] = (mean.to(h.dtype), var.to(h.dtype))
-            counts[bn] = int(round(float(count)))
-            return F.batch_norm(h, stats[bn][0], stats[bn][1], bn.weight, bn.bias, False, 0.0,
-                                bn.eps)
+            if bn not in self.stats:
+                mean, var, n = batch_statistics(h.detach() if self.detach else h)
+                self.stats[bn], self.counts[bn] = (mean, var), n
+            mean, var = self.stats[bn]
+            return normalise(bn, h, mean, var)
         return fwd
 
-    try:
-        for bn in bns:
-            bn.forward = forward(bn)
-        with torch.no_grad():
-            model(x)
-    finally:
-        for bn in bns:
-            del bn.forward
-    return stats, counts
+    def __enter__(self) -> "StepBatchNorm":
+        bns = set(self.bns)
+        self._ctx = override_bn_forward(self.model,
+                                        lambda m: self._forward(m) if m in bns else None)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(*exc)
+
+    def precompute(self, x: Tensor) -> None:
+        """Compute the statistics of the whole local batch ``x: [b, *in]`` (all processes'
+        batches when distributed) in one forward, keep their graph, and hand out leaf copies
+        that collect each micro-batch's gradient for :meth:`backward`."""
+        with self:
+            self.model(x)
+        if self.detach:
+            return
+        self._graph = self.stats
+        self.stats = {bn: (m.detach().requires_grad_(), v.detach().requires_grad_())
+                      for bn, (m, v) in self._graph.items()}
+
+    def backward(self) -> None:
+        """After :meth:`precompute`: backpropagate the gradients the micro-batches left on the
+        statistics' leaf copies through the statistics' graph into the parameters."""
+        outs, grads = [], []
+        for bn, pair in self._graph.items():
+            for graph_t, leaf in zip(pair, self.stats[bn]):
+                if leaf.grad is not None:
+                    outs.append(graph_t)
+                    grads.append(leaf.grad)
+        if _distributed() and self._graph:
+            # every process must join the all-reduces in the statistics' backward
+            outs = [t for pair in self._graph.values() for t in pair]
+            grads = [torch.zeros_like(t) if leaf.grad is None else leaf.grad
+                     for bn, pair in self._graph.items()
+                     for t, leaf in zip(pair, self.stats[bn])]
+        if outs:
+            torch.autograd.backward(outs, grads)
+        self._graph = {}
+
+    def detached(self) -> BNStats:
+        """The statistics, detached (for the running-statistics update)."""
+        return {bn: (m.detach(), v.detach()) for bn, (m, v) in self.stats.items()}
 
 
-def _sync_batch_forward(bn):
-    """A replacement ``forward`` for ``bn``: in training mode, normalise with the batch
-    statistics of the input -- summed over all processes through a differentiable all-reduce
-    when distributed, so gradients flow through the statistics exactly as in one process with
-    the whole batch (what ``SyncBatchNorm`` does) -- without touching the running statistics;
-    in eval mode (as set by :func:`adcert.attacks.frozen_bn`), the running statistics."""
-    def fwd(h: Tensor) -> Tensor:
-        if not bn.training:
-            return F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
-                                0.0, bn.eps)
-        dims = [0] + list(range(2, h.dim()))
-        shape = [1, -1] + [1] * (h.dim() - 2)
-        n = h.numel() // h.shape[1]
-        if _distributed():
-            with warnings.catch_warnings():  # deprecated in favour of a non-autograd API
-                warnings.simplefilter("ignore", FutureWarning)
-                from torch.distributed.nn.functional import all_reduce as _all_reduce
-
-            def all_reduce(t: Tensor) -> Tensor:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    return _all_reduce(t)
-
-            total = all_reduce(torch.cat([h.sum(dims), h.new_tensor([n])]))
-            count = total[-1].detach()
-            mean = total[:-1] / count
-            var = all_reduce((h - mean.view(shape)).pow(2).sum(dims)) / count
-        else:
-            var, mean = torch.var_mean(h, dim=dims, correction=0)
-        out = (h - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
-        if bn.weight is not None:
-            out = out * bn.weight.view(shape) + bn.bias.view(shape)
-        return out
-    return fwd
-
-
-@contextlib.contextmanager
-def synced_batch_norm(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, every training-mode batch norm of ``model`` uses
-    :func:`_sync_batch_forward` (batch statistics with gradients, synchronised over processes,
-    running statistics untouched). Restored on exit."""
-    bns = training_bns(model)
-    try:
-        for bn in bns:
-            bn.forward = _sync_batch_forward(bn)
-        yield model
-    finally:
-        for bn in bns:
-            del bn.forward
+def global_batch_stats(model: nn.Module, x: Tensor) -> Tuple[BNStats, Dict[nn.Module, int]]:
+    """``({bn: (mean, var)}, {bn: n})`` for every training-mode batch norm: the per-channel mean
+    and biased variance (``[C]``, detached) of the clean batch ``x: [B, *in]`` over all processes,
+    each batch norm's computed on its input normalised with the statistics of the layers before
+    it (what one process with the whole batch computes), and the element count ``n`` per
+    channel. Running statistics are not touched."""
+    step_bn = StepBatchNorm(model, detach=True)
+    with torch.no_grad():
+        step_bn.precompute(x)
+    return step_bn.detached(), step_bn.counts
 
 
 @torch.no_grad()
@@ -171,5 +232,5 @@ def population_stats(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
     return model
 
 
-__all__ = ["training_bns", "global_batch_stats", "synced_batch_norm", "update_running_stats",
-           "population_stats"]
+__all__ = ["training_bns", "batch_statistics", "StepStats", "StepBatchNorm", "global_batch_stats",
+           "update_running_stats", "population_stats"]

@@ -4,10 +4,11 @@
     result = Trainer(load_config("configs/digits_adcert.yaml")).fit()   # final test metrics
 
 Per step (global batch ``data.batch_size``, split over processes and ``train.grad_accum``
-micro-batches): the scheduled ``eps_t`` and method coefficient; in ``bn_mode: frozen`` the clean
-statistics of the whole global batch, computed once and synchronised over processes
-(:func:`adcert.train.bn.global_batch_stats`), used by every forward of the step (clean, attack,
-bounds) and then folded into the running statistics once; the method's loss on each micro-batch
+micro-batches): the scheduled ``eps_t`` and method coefficient; the clean statistics of every
+training-mode batch norm, computed once per step by the method's clean forward (of the whole
+global batch under ``grad_accum``; synchronised over processes) and reused, differentiable, by
+every forward and bound pass of the step (:class:`adcert.train.bn.StepBatchNorm`, DESIGN.md
+section 5), then folded into the running statistics once; the method's loss on each micro-batch
 (scaled by its share of the batch) backpropagated; the L1 penalty on conv/linear weights; a mean
 all-reduce of the gradients across processes; gradient-norm clipping; an Adam step. Per epoch: the
 milestone learning-rate decay, SWA averaging, evaluation on a test subset, a JSON-lines record and
@@ -38,7 +39,6 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from adcert.attacks import frozen_bn
 from adcert.data import Batches, dataset_info, load_dataset
 from adcert.methods import StepState, get_method
 from adcert.models import build_model, ibp_init, kaiming_init
@@ -151,9 +151,9 @@ class Trainer:
                               f"x train.grad_accum={k}")
         self.local_batch = b // self.world
         self.micro_batch = self.local_batch // k
-        if self.micro_batch < 2 and self.cfg.train.bn_mode == "batch":
-            raise ConfigError("data.batch_size: micro-batches of one sample break batch norm "
-                              "(bn_mode batch); use a larger batch or fewer micro-batches")
+        if b < 2:
+            raise ConfigError("data.batch_size: batch norm needs batches of at least 2 samples, "
+                              f"got {b}")
 
     def _build_data(self) -> None:
         cfg = self.cfg.data
@@ -313,23 +313,24 @@ class Trainer:
         coef = coef_at(cfg.coef_ramp, self.step, self.clean_steps, self.ramp_steps, eps_t,
                        cfg.eps)
         self.model.train()
-        stats, counts = bnlib.global_batch_stats(self.model, x)
-        if cfg.bn_mode == "frozen":
-            ctx = frozen_bn(self.model, stats)
-        else:
-            ctx = bnlib.synced_batch_norm(self.model)
+        step_bn = bnlib.StepBatchNorm(self.model, detach=cfg.bn_mode == "frozen")
+        micro = [(x, y, index)] if self.micro_batch >= len(y) else list(zip(
+            x.split(self.micro_batch), y.split(self.micro_batch),
+            [None] * len(y) if index is None else index.split(self.micro_batch)))
+        if len(micro) > 1:  # full-batch statistics for every micro-batch (DESIGN.md section 5)
+            step_bn.precompute(x)
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=x.device)
-        with ctx:
-            parts = [None] * len(y) if index is None else index.split(self.micro_batch)
-            for xm, ym, im in zip(x.split(self.micro_batch), y.split(self.micro_batch), parts):
+        with step_bn:
+            for xm, ym, im in micro:
                 state = StepState(eps=eps_t, eps_target=cfg.eps, epoch=self.epoch,
-                                  step=self.step, bn_stats=stats, coef=coef, index=im)
+                                  step=self.step, bn_stats=step_bn.view, coef=coef, index=im)
                 out = self.method.loss(self.model, xm, ym, state)
                 share = len(ym) / len(y)
                 (out.loss * share).backward()
                 total += out.loss.detach() * share
                 self._accumulate(sums, out, ym)
+        step_bn.backward()
         if cfg.l1 > 0:
             (cfg.l1 * l1_term(self.model)).backward()
         if self.world > 1:
@@ -337,7 +338,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
-        bnlib.update_running_stats(stats, counts)
+        bnlib.update_running_stats(step_bn.detached(), step_bn.counts)
         self.step += 1
         self.last_eps, self.last_coef = eps_t, coef
         return total
