@@ -4,7 +4,8 @@ CTBench's cost model.
     python benchmarks/bench_train_step.py [--batch 32] [--repeats 5] [--width 64] [--device cpu]
                                           [--json out.json]
 
-One :class:`adcert.train.Trainer`-equivalent step (global-batch BN statistics, the method's loss,
+One :class:`adcert.train.Trainer`-equivalent step (the step's clean-batch BN statistics,
+differentiable unless ``--bn-mode frozen``, the method's loss,
 backward, L1, clipping, Adam) is timed on CNN7 / CIFAR-10-shaped inputs for ``standard`` (clean
 CE; the time ``T``), ``ibp``, ``mtl-ibp``, ``sabr``, ``pgd`` and ``adcert`` (whichever are
 registered), with the method's attack steps ``M``. The model (CTBench's table, AD-CERT Table 8):
@@ -32,10 +33,9 @@ try:
 except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adcert.attacks import frozen_bn
 from adcert.methods import METHODS, MethodOutput, StepState, get_method
 from adcert.models import build_model, ibp_init
-from adcert.train.bn import global_batch_stats, synced_batch_norm, update_running_stats
+from adcert.train.bn import StepBatchNorm, update_running_stats
 from adcert.train.trainer import l1_term
 
 M_STEPS = 8
@@ -60,16 +60,16 @@ def _cases(teacher):
     return cases
 
 
-def _step(model, opt, loss_fn, x, y, eps):
-    stats, counts = global_batch_stats(model, x)
-    state = StepState(eps=eps, eps_target=eps, bn_stats=stats, coef=1.0)
+def _step(model, opt, loss_fn, x, y, eps, detach_bn=False):
+    step_bn = StepBatchNorm(model, detach=detach_bn)
     opt.zero_grad(set_to_none=True)
-    with synced_batch_norm(model):
+    with step_bn:
+        state = StepState(eps=eps, eps_target=eps, bn_stats=step_bn.view, coef=1.0)
         out = loss_fn(model, x, y, state)
         (out.loss + 1e-6 * l1_term(model)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
     opt.step()
-    update_running_stats(stats, counts)
+    update_running_stats(step_bn.detached(), step_bn.counts)
 
 
 def main(argv=None) -> int:
@@ -79,7 +79,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--bn-mode", choices=("batch", "frozen"), default="batch",
+                   help="the trainer's train.bn_mode: differentiable (batch, default) or "
+                        "detached (frozen) clean-batch statistics")
     args = p.parse_args(argv)
+    detach = args.bn_mode == "frozen"
     torch.manual_seed(0)
     dev = torch.device(args.device)
     spec = dict(name="cnn7", dataset="cifar10", width=args.width)
@@ -94,12 +98,12 @@ def main(argv=None) -> int:
     times = {k: [] for k in cases}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for name, (fn, _) in cases.items():  # warm-up
-        _step(model, opt, fn, x, y, 2 / 255)
+        _step(model, opt, fn, x, y, 2 / 255, detach)
     for _ in range(args.repeats):
         for name, (fn, _) in cases.items():
             sync()
             t0 = time.perf_counter()
-            _step(model, opt, fn, x, y, 2 / 255)
+            _step(model, opt, fn, x, y, 2 / 255, detach)
             sync()
             times[name].append(time.perf_counter() - t0)
     T = statistics.median(times["standard"])
@@ -122,6 +126,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(dev), "torch": torch.__version__, "batch": args.batch,
+                       "bn_mode": args.bn_mode,
                        "width": args.width, "M": M_STEPS, "rows": rows}, f, indent=2)
     return 0
 
