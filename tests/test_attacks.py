@@ -1,6 +1,7 @@
 """PGD (CE and margin losses, restarts, explicit boxes, per-sample eps), the frozen batch-norm
 context and EDAC's look-ahead attack, in fp64 on tiny nets."""
 import copy
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from adcert.attacks import (adversarial_certainty, edac_attack, edac_lookahead, frozen_bn,
                             margin_loss, pgd_attack, shared_bn)
+from adcert.attacks.pgd import ctbench_step_factors
 from adcert.bounds import clean_bn_stats
 
 
@@ -227,3 +229,100 @@ def test_edac_attack_is_pgd_on_the_lookahead_model(trained, gamma):
     torch.testing.assert_close(got, want)
     assert all(p.grad is None for p in model.parameters())
     assert int(model[1].num_batches_tracked) == tracked
+
+
+# -- CTBench's training schedule ---------------------------------------------------------------
+class Recorder(nn.Module):
+    """``model`` that records every input it is called on (detached copies, in call order)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 8, 10, 11, 19, 20, 35, 49, 50, 100])
+def test_ctbench_step_factors_follow_the_published_schedule(steps):
+    f = ctbench_step_factors(steps)
+    assert len(f) == steps and all(a >= b for a, b in zip(f, f[1:]))
+    assert steps == 0 or f[0] == 1.0
+    drops = [i for i in range(1, steps) if f[i] < f[i - 1]]
+    if steps >= 50:  # x0.1 at 50 %, 80 %, 90 % of the steps
+        want, gamma = [math.ceil(steps * q) for q in (0.5, 0.8, 0.9)], 0.1
+    elif steps >= 20:  # x0.1 at 70 %
+        want, gamma = [math.ceil(steps * 0.7)], 0.1
+    else:  # x0.2 every 10 steps
+        want, gamma = [i for i in (10,) if i < steps], 0.2
+    assert drops == want
+    for i in drops:
+        assert f[i] == pytest.approx(f[i - 1] * gamma)
+
+
+def test_ctbench_schedule_returns_the_best_iterate_of_all_steps_and_restarts(trained):
+    model, x, y = trained
+    model.eval()
+    rec = Recorder(model)
+    torch.manual_seed(2)
+    x_adv = pgd_attack(rec, x, y, 0.15, steps=5, restarts=3, schedule="ctbench")
+    assert len(rec.seen) == 3 * (5 + 1)          # every iterate, the start and the last included
+    with torch.no_grad():
+        every = torch.stack([F.cross_entropy(model(p), y, reduction="none") for p in rec.seen])
+        got = F.cross_entropy(model(x_adv), y, reduction="none")
+    torch.testing.assert_close(got, every.max(0).values)
+    # and the point is one of the iterates (per sample), inside the clipped eps-box
+    pts = torch.stack(rec.seen)                                      # [N, B, 6]
+    assert bool(((pts - x_adv).abs().amax(2) == 0).any(0).all())
+    assert bool((x_adv >= (x - 0.15).clamp(0, 1)).all() and (x_adv <= (x + 0.15).clamp(0, 1)).all())
+
+
+@pytest.mark.parametrize("step_size", [None, 0.3])
+def test_ctbench_step_is_a_decayed_fraction_of_the_half_width(trained, step_size):
+    model, x, y = trained
+    model.eval()
+    torch.manual_seed(4)
+    lo_w, hi_w = 0.02 + 0.1 * torch.rand_like(x), 0.02 + 0.1 * torch.rand_like(x)
+    x_L, x_U = x - lo_w, x + hi_w                      # asymmetric, per-coordinate widths
+    half = (x_U - x_L) / 2
+    steps = 12                                         # one x0.2 decay, at step 10
+    rec = Recorder(model)
+    pgd_attack(rec, x, y, steps=steps, step_size=step_size, random_start=False, x_L=x_L,
+               x_U=x_U, schedule="ctbench")
+    its = rec.seen                                     # x_0 (= x), ..., x_12
+    assert len(its) == steps + 1 and torch.equal(its[0], x)
+    base = max(0.25, 2 / steps) if step_size is None else step_size
+    interior_after_decay = 0
+    for i in range(steps):
+        alpha = base * (0.2 if i >= 10 else 1.0) * half
+        move = (its[i + 1] - its[i]).abs()
+        inside = (its[i + 1] > x_L) & (its[i + 1] < x_U)
+        assert bool((move <= alpha + 1e-12).all())
+        torch.testing.assert_close(move[inside], alpha[inside])
+        interior_after_decay += int(inside.sum()) if i >= 10 else 0
+    assert interior_after_decay > 0
+
+
+def test_fixed_schedule_stays_the_default_and_returns_the_last_iterate(trained):
+    model, x, y = trained
+    model.eval()
+    rec = Recorder(model)
+    torch.manual_seed(6)
+    x_adv = pgd_attack(rec, x, y, 0.1, steps=4)
+    assert len(rec.seen) == 4                          # no extra evaluation for one restart
+    # the last ascent step from the last evaluated point, a constant 2.5 * half-width / steps
+    last = rec.seen[-1].requires_grad_(True)
+    value = F.cross_entropy(model(last), y, reduction="none").sum()
+    (grad,) = torch.autograd.grad(value, last)
+    lo, hi = (x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1)
+    want = torch.min(torch.max(last.detach() + 2.5 * (hi - lo) / 2 / 4 * grad.sign(), lo), hi)
+    torch.testing.assert_close(x_adv, want)
+
+
+def test_schedule_and_step_size_errors(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="schedule"):
+        pgd_attack(model, x, y, 0.1, schedule="cosine")
+    with pytest.raises(ValueError, match="step_size"):
+        pgd_attack(model, x, y, 0.1, step_size=0.0, schedule="ctbench")

@@ -239,3 +239,40 @@ def test_pgd_argument_errors(batch):
         pgd_attack(mlp(), x, y, -0.1)
     with pytest.raises(ValueError, match="steps"):
         pgd_attack(mlp(), x, y, 0.1, steps=-1)
+
+
+def test_rslad_cert_attacks_the_teachers_soft_labels_and_adcert_the_hard_ones(batch,
+                                                                               monkeypatch):
+    """AD-CERT Table 4 footnote: RSLAD's x_adv maximises KL(P_T(x) || P_S(x_adv)) (as RSLAD);
+    AD-CERT's maximises CE with the labels. Both: CTBench's attack, 3 restarts."""
+    import adcert.methods.ibp_family as family
+    x, y = batch
+    model, teacher = mlp(0), mlp(1)
+    t = teacher(x).detach()
+
+    def kl_rows(z, _y):
+        p = F.softmax(t, 1)
+        return (p * (F.log_softmax(t, 1) - F.log_softmax(z, 1))).sum(1)
+
+    calls = []
+    real = family.pgd_attack
+
+    def spy(*args, **kw):
+        calls.append((kw, real(*args, **kw)))
+        return calls[-1][1]
+    monkeypatch.setattr(family, "pgd_attack", spy)
+    want = {}
+    for name, loss in (("rslad-cert", kl_rows), ("adcert", "ce")):
+        torch.manual_seed(5)
+        want[name] = real(model, x, y, 0.1, steps=3, restarts=3, loss=loss, schedule="ctbench")
+        calls.clear()
+        torch.manual_seed(5)
+        get_method(name, teacher=teacher, steps=3, reg_lambda=0.0).loss(model, x, y, state(0.1))
+        (kw, got), = calls
+        torch.testing.assert_close(got, want[name])
+    assert not torch.equal(want["rslad-cert"], want["adcert"])
+    z = torch.randn(5, 4)
+    calls.clear()
+    get_method("rslad-cert", teacher=teacher, steps=1, reg_lambda=0.0).loss(model, x, y,
+                                                                           state(0.1))
+    torch.testing.assert_close(calls[0][0]["loss"](z, y), kl_rows(z, y))

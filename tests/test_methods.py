@@ -12,7 +12,9 @@ from adcert.bounds import METHODS as BOUND_METHODS
 from adcert.bounds import clean_bn_stats, compute_bounds
 from adcert.methods import METHODS, StepState, get_method
 from adcert.methods._split import split_before_last_linear, split_by_relus
+from adcert.methods.regularizers import first_layer_radius, warmup_regularizer
 from adcert.methods.taps import RectifiedLink, class_margins, pivotal_points
+from adcert.models import Normalize
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # fp64 formula checks
@@ -25,8 +27,9 @@ def mlp(seed=0, d=6, h=8, c=4, bn=False):
                          nn.ReLU(), nn.Linear(h, c))
 
 
-def interval(layers, lo, hi):
-    """Plain lower/upper interval arithmetic through Flatten/Linear/ReLU (eval-free nets)."""
+def interval(layers, lo, hi, shrink=1.0):
+    """Plain lower/upper interval arithmetic through Flatten/Linear/ReLU (eval-free nets);
+    ``shrink``: SABR's ReLU shrink, the upper bound of an unstable ReLU scaled before it."""
     for m in layers:
         if isinstance(m, nn.Flatten):
             lo, hi = lo.flatten(1), hi.flatten(1)
@@ -34,6 +37,7 @@ def interval(layers, lo, hi):
             wp, wn = m.weight.clamp(min=0), m.weight.clamp(max=0)
             lo, hi = lo @ wp.T + hi @ wn.T + m.bias, hi @ wp.T + lo @ wn.T + m.bias
         elif isinstance(m, nn.ReLU):
+            hi = torch.where((lo < 0) & (hi > 0), shrink * hi, hi)
             lo, hi = lo.clamp(min=0), hi.clamp(min=0)
         else:
             raise AssertionError(type(m))
@@ -48,10 +52,19 @@ def margins_from_last(last, lo, hi, y):
             + torch.einsum("bck,bk->bc", w.clamp(max=0), hi) + b)
 
 
-def plain_ibp_margins(model, x_L, x_U, y):
+def plain_ibp_margins(model, x_L, x_U, y, shrink=1.0):
     layers = list(model)
-    lo, hi = interval(layers[:-1], x_L, x_U)
+    lo, hi = interval(layers[:-1], x_L, x_U, shrink)
     return margins_from_last(layers[-1], lo, hi, y)
+
+
+def sabr_small_box(x, x_adv, eps, lam):
+    """CTBench's SmallBoxModelWrapper box: half-width lam * (ub - lb) / 2 of the clipped eps-box,
+    centre x_adv projected into [lb + r, ub - r]."""
+    lb, ub = box(x, eps)
+    r = lam * (ub - lb) / 2
+    c = torch.max(torch.min(x_adv, ub - r), lb + r)
+    return c - r, c + r
 
 
 @pytest.fixture
@@ -203,22 +216,24 @@ def test_taps_margins_lie_above_ibp_and_below_sampled_points(batch):
     assert bool((found <= class_margins(g, rand, y) + 1e-9).all())
 
 
-def test_staps_runs_taps_on_the_sabr_box(batch):
+@pytest.mark.parametrize("shrink", [1.0, 0.8])
+def test_staps_runs_taps_on_the_sabr_box(batch, shrink):
     x, y = batch
     model = mlp()
     eps, lam = 0.2, 0.4
     x_adv = (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
-    method = fixed_search(get_method("staps", lambda_ratio=lam, reg_lambda=0.0), corner_points)
+    method = fixed_search(get_method("staps", lambda_ratio=lam, reg_lambda=0.0,
+                                     relu_shrink=shrink), corner_points)
     method.attack = lambda *a, **k: x_adv
     out = method.loss(model, x, y, state(eps, eps))
-    centre = torch.min(torch.max(x_adv, x - (eps - lam * eps)), x + (eps - lam * eps))
-    x_L, x_U = (centre - lam * eps).clamp(0, 1), (centre + lam * eps).clamp(0, 1)
+    x_L, x_U = sabr_small_box(x, x_adv, eps, lam)
     layers = list(model)
-    lo, hi = interval(layers[:3], x_L, x_U)
+    lo, hi = interval(layers[:3], x_L, x_U, shrink)
     pts = corner_points(lo, hi)
     z = nn.Sequential(*layers[3:])(pts.reshape(-1, 8)).view(5, 4, 4)
     m_taps = z.gather(2, y.view(5, 1, 1).expand(5, 4, 1)).squeeze(2) - torch.diagonal(z, 0, 1, 2)
-    want = F.cross_entropy(-m_taps, y) * F.cross_entropy(-plain_ibp_margins(model, x_L, x_U, y), y)
+    m_ibp = plain_ibp_margins(model, x_L, x_U, y, shrink)
+    want = F.cross_entropy(-m_taps, y) * F.cross_entropy(-m_ibp, y)
     torch.testing.assert_close(out.loss, want)
     assert out.margins is None          # the small box certifies nothing about the eps-ball
 
@@ -267,7 +282,7 @@ def test_edac_loss_is_ce_at_the_edac_examples(batch):
     x, y = batch
     model = mlp()
     x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
-    method = get_method("edac", w_rob=0.6)
+    method = get_method("edac", w_rob=0.6, lookahead="functional")  # no optimiser here
     method.edac_examples = lambda *a, **k: x_adv
     out = method.loss(model, x, y, state(0.1))
     want = 0.4 * F.cross_entropy(model(x), y) + 0.6 * F.cross_entropy(model(x_adv), y)
@@ -279,6 +294,8 @@ def make(name, **kw):
     cls = METHODS[name]
     if cls.needs_teacher:
         kw["teacher"] = mlp(7)
+    if name == "edac":  # the default look-ahead steps a training optimiser (tests/test_edac.py)
+        kw.setdefault("lookahead", "functional")
     known = cls.hyperparameters()
     for k, v in (("steps", 2), ("restarts", 1), ("input_steps", 2)):
         if k in known:
@@ -418,3 +435,188 @@ def test_acert_without_index_or_warm_start_leaves_the_cache_empty(batch):
     cold = get_method("acert", reg_lambda=0.0, warm_start=False)
     cold.loss(mlp(3), x, y, state(eps=0.3, target=0.3, index=torch.arange(5)))
     assert cold.cache.frac is None
+
+
+# -- the papers' training protocols (CTBench App. B.4, Table 5; Shi et al.; AD-CERT Table 4) ----
+ATTACKING = ["sabr", "staps", "mtl-ibp", "cc-ibp", "exp-ibp", "cc-dist", "adcert", "rslad-cert",
+             "pgd"]
+
+
+@pytest.mark.parametrize("name", ATTACKING)
+def test_training_attacks_default_to_three_restarts_and_the_ctbench_schedule(batch, name,
+                                                                             monkeypatch):
+    import adcert.methods.ibp_family as family
+    calls = []
+
+    def spy(model, x, y, eps, **kw):
+        calls.append(kw)
+        return x.detach()
+    monkeypatch.setattr(family, "pgd_attack", spy)
+    x, y = batch
+    key = "input_restarts" if name == "staps" else "restarts"
+    assert METHODS[name].hyperparameters()[key] == 3
+    teacher = {"teacher": mlp(7)} if METHODS[name].needs_teacher else {}
+    for given in ({}, {key: 2}):
+        calls.clear()
+        method = get_method(name, **teacher, **given)
+        if name == "staps":
+            fixed_search(method, corner_points)
+        method.loss(mlp(), x, y, state(0.1, 0.1))
+        assert calls and all(c["restarts"] == given.get(key, 3) and c["schedule"] == "ctbench"
+                             for c in calls)
+
+
+def test_attack_and_shrink_hyperparameters_are_validated_by_name(batch):
+    for name, kw, word in [("sabr", {"restarts": 0}, "restarts"),
+                           ("staps", {"input_restarts": 0}, "input_restarts"),
+                           ("mtl-ibp", {"step_size": -0.1}, "step_size"),
+                           ("pgd", {"restarts": 0}, "restarts"),
+                           ("cc-dist", {"teacher": mlp(1), "restarts": 0}, "restarts"),
+                           ("adcert", {"teacher": mlp(1), "restarts": 1.5}, "restarts"),
+                           ("sabr", {"relu_shrink": 0.0}, "relu_shrink"),
+                           ("staps", {"relu_shrink": 1.2}, "relu_shrink")]:
+        with pytest.raises(ValueError, match=word):
+            get_method(name, **kw)
+    with pytest.raises(TypeError, match="ibp_warmup"):
+        get_method("taps", ibp_warmup="yes")
+    x, _ = batch
+    for bad, err in ((1.5, ValueError), (-0.1, ValueError), ("0.8", TypeError)):
+        with pytest.raises(err, match="relu_shrink"):
+            compute_bounds(mlp(), x, 0.1, relu_shrink=bad)
+    with pytest.raises(ValueError, match="relu_shrink"):    # unsound: never for certificates
+        compute_bounds(mlp(), x, 0.1, sound=True, relu_shrink=0.8)
+
+
+@pytest.mark.parametrize("shrink", [1.0, 0.8, 0.0])
+def test_ibp_relu_shrink_scales_the_upper_bound_of_unstable_relus(batch, shrink):
+    x, y = batch
+    model = mlp()
+    x_L, x_U = box(x, 0.3)
+    lo, hi = interval(list(model)[:2], x_L, x_U)
+    assert bool(((lo < 0) & (hi > 0)).any())               # there are unstable neurons
+    lb, ub = compute_bounds(model, x, x_L=x_L, x_U=x_U, relu_shrink=shrink)
+    want_lb, want_ub = interval(list(model), x_L, x_U, shrink)
+    torch.testing.assert_close(lb, want_lb)
+    torch.testing.assert_close(ub, want_ub)
+    inputs = []
+    m = compute_bounds(model, x, x_L=x_L, x_U=x_U, y=y, relu_shrink=shrink, relu_bounds=inputs)
+    torch.testing.assert_close(m, plain_ibp_margins(model, x_L, x_U, y, shrink))
+    torch.testing.assert_close(inputs[0][1], hi)            # ReLU inputs are recorded unshrunk
+    assert len(inputs) == 2
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.4, 1.0])
+def test_sabr_box_is_the_lambda_share_of_the_clipped_eps_box(lam):
+    torch.manual_seed(3)
+    x = torch.rand(64, 6)
+    x[:8], x[8:16], x[16:24] = 0.0, 1.0, 0.03                 # pixels whose eps-box is clipped
+    eps = 0.1
+    x_adv = x + eps * (4 * torch.rand_like(x) - 2)              # anywhere, even outside the box
+    x_L, x_U = get_method("sabr", lambda_ratio=lam).small_box(x, x_adv, eps)
+    lb, ub = box(x, eps)
+    r = lam * (ub - lb) / 2
+    torch.testing.assert_close((x_U - x_L) / 2, r)
+    assert bool((x_L >= lb - 1e-12).all() and (x_U <= ub + 1e-12).all())
+    centre = (x_L + x_U) / 2
+    fits = (x_adv >= lb + r) & (x_adv <= ub - r)
+    torch.testing.assert_close(centre[fits], x_adv[fits])    # the adversarial point when it fits
+    nearest = torch.where(x_adv < lb + r, lb + r, ub - r)     # else the closest feasible centre
+    torch.testing.assert_close(centre[~fits], nearest[~fits])
+    if lam == 1.0:
+        torch.testing.assert_close(x_L, lb)
+        torch.testing.assert_close(x_U, ub)
+
+
+def test_sabr_loss_is_ibp_on_the_small_box_with_the_relu_shrink(batch):
+    x, y = batch
+    model = mlp()
+    eps, lam = 0.2, 0.4
+    x_adv = (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    losses = {}
+    for shrink in (1.0, 0.8):
+        method = get_method("sabr", lambda_ratio=lam, relu_shrink=shrink, reg_lambda=0.0)
+        method.attack = lambda *a, **k: x_adv
+        losses[shrink] = method.loss(model, x, y, state(eps, eps)).loss
+        m = plain_ibp_margins(model, *sabr_small_box(x, x_adv, eps, lam), y, shrink)
+        torch.testing.assert_close(losses[shrink], F.cross_entropy(-m, y))
+    assert float(losses[0.8].detach()) < float(losses[1.0].detach())
+
+
+def _no_search(*args):
+    raise AssertionError("the TAPS search ran")
+
+
+def test_taps_and_staps_train_plain_ibp_during_the_eps_ramp(batch):
+    x, y = batch
+    model = mlp()
+    ramp = state(0.05, 0.1)
+    taps = get_method("taps", reg_lambda=0.0)
+    taps.search = _no_search
+    out = taps.loss(model, x, y, ramp)
+    m = plain_ibp_margins(model, *box(x, 0.05), y)
+    torch.testing.assert_close(out.loss, F.cross_entropy(-m, y))
+    torch.testing.assert_close(out.margins, m)
+    x_adv = (x + 0.05 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    staps = get_method("staps", lambda_ratio=0.4, reg_lambda=0.0)
+    staps.search, staps.attack = _no_search, (lambda *a, **k: x_adv)
+    out = staps.loss(model, x, y, ramp)
+    m = plain_ibp_margins(model, *sabr_small_box(x, x_adv, 0.05, 0.4), y)
+    torch.testing.assert_close(out.loss, F.cross_entropy(-m, y))
+    assert out.margins is None
+    # after the ramp, or with ibp_warmup=False, the TAPS loss (and its search) is used
+    eager = get_method("taps", reg_lambda=0.0, ibp_warmup=False)
+    eager.search = _no_search
+    for method, st in ((taps, state(0.1, 0.1)), (staps, state(0.1, 0.1)), (eager, ramp)):
+        with pytest.raises(AssertionError, match="search ran"):
+            method.loss(model, x, y, st)
+
+
+def test_first_layer_radius_divides_by_the_normalize_std():
+    std = torch.tensor([0.2, 0.5, 0.25])
+    model = nn.Sequential(nn.Sequential(Normalize([0.4, 0.5, 0.6], std)), nn.Conv2d(3, 4, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    torch.manual_seed(0)
+    x_L = torch.rand(2, 3, 4, 4)
+    x_U = x_L + torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(first_layer_radius(model, x_L, x_U),
+                               (x_U - x_L) / 2 / std.view(1, 3, 1, 1))
+    a, b = torch.zeros(2, 6), torch.full((2, 6), 0.3)
+    torch.testing.assert_close(first_layer_radius(mlp(), a, b), (b - a) / 2)   # no Normalize
+
+
+def normalized_mlp():
+    """``Normalize`` (std 0.2..0.4 per feature) then ``mlp``'s layers, weights x3 so that the
+    tightness terms are active."""
+    std = torch.linspace(0.2, 0.4, 6)
+    model = mlp()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3)
+    return nn.Sequential(Normalize(torch.full((6,), 0.5), std), *list(model)[1:]), std
+
+
+@pytest.mark.parametrize("name,kw", [("ibp", {}), ("crown-ibp", {}),
+                                     ("crown-ibp", {"loss_fusion": True}), ("taps", {}),
+                                     ("sabr", {}), ("cc-dist", {}), ("acert-fast", {})])
+def test_warmup_tightness_r0_is_the_radius_after_normalize(batch, name, kw):
+    if name == "crown-ibp" and "crown-ibp" not in BOUND_METHODS:
+        pytest.skip("compute_bounds(method='crown-ibp') not registered")
+    x, y = batch
+    model, std = normalized_mlp()
+    if METHODS[name].needs_teacher:
+        kw = {**kw, "teacher": mlp(7)}
+    method = get_method(name, reg_lambda=0.5, **kw)
+    method.attack = lambda model, x, *a, **k: x.detach()
+    if name == "acert-fast":   # trained at eps_t where correctly classified (all here), else 0
+        y = model(x).argmax(1)
+    out = method.loss(model, x, y, state(0.025, 0.1, coef=0.5))
+    x_L, x_U = box(x, 0.025)
+    if name == "sabr":
+        x_L, x_U = sabr_small_box(x, x, 0.025, method.lambda_ratio)
+    inputs = []
+    compute_bounds(model, x, x_L=x_L, x_U=x_U, relu_bounds=inputs)
+    want = warmup_regularizer((x_U - x_L) / 2 / std, inputs, 0.5)
+    pixel = warmup_regularizer((x_U - x_L) / 2, inputs, 0.5)
+    assert abs(float(want.detach() - pixel.detach())) > 1e-3   # the test tells them apart
+    torch.testing.assert_close(out.logs["loss_reg"], want)

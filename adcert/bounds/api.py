@@ -60,27 +60,42 @@ def reject_options(method: str, options: Mapping[str, Any], known=()) -> None:
                         f"method {method!r}; accepted: {accepted}")
 
 
+def relu_shrink_option(options: Mapping[str, Any], sound: bool) -> float:
+    """The ``relu_shrink`` option of method ``"ibp"`` (default 1 = plain IBP): a number in
+    [0, 1], the ratio of SABR's ReLU-output shrink (:func:`adcert.bounds.ibp.shrunk_relu`;
+    CTBench Table 5). Unsound below 1, so rejected with ``sound=True``."""
+    shrink = options.get("relu_shrink", 1.0)
+    if isinstance(shrink, bool) or not isinstance(shrink, (int, float)):
+        raise TypeError(f"relu_shrink: expected a number in [0, 1], got {shrink!r}")
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"relu_shrink: expected a number in [0, 1], got {shrink}")
+    if sound and shrink != 1.0:
+        raise ValueError(f"relu_shrink: {shrink} shrinks ReLU boxes (unsound); sound=True needs 1")
+    return float(shrink)
+
+
 def _ibp_method(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
                 request: BoundRequest) -> Result:
-    reject_options("ibp", request.options)
+    reject_options("ibp", request.options, known=("relu_shrink",))
+    shrink = relu_shrink_option(request.options, request.sound)
     if request.C is not None:
         raise NotImplementedError("C: not supported by method 'ibp' yet")
     y = request.y
     if request.sound:  # rounding-sound plain-torch path (adcert.bounds.sound)
         return sound_ibp(plan, mu, r, stats, y, request.relu_bounds, check_y_range)
     if y is None:
-        mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds)
+        mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds, shrink)
         return mu - r, mu + r
     final = plan.final_linear()
     if final is not None:  # fold the margin specification into the last linear layer
         weight, bias = effective_linear(final, stats)
         check_y_range(y, weight.shape[0])
-        mu, r = ibp_steps(plan.steps[:-1], mu, r, stats, request.relu_bounds)
+        mu, r = ibp_steps(plan.steps[:-1], mu, r, stats, request.relu_bounds, shrink)
         if mu.dim() != 2:
             raise ValueError(f"x: the last Linear expects a [B, {weight.shape[1]}] input box, "
                              f"got shape {tuple(mu.shape)} (add an nn.Flatten before it)")
         return margin_lower_folded(mu, r, weight, bias, y)
-    mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds)
+    mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds, shrink)
     if mu.dim() != 2:
         raise ValueError(f"y: margins need logits of shape [B, C], but the model outputs shape "
                          f"{tuple(mu.shape)}")
@@ -126,7 +141,8 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
         method: ``"ibp"``, ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see
             :mod:`adcert.bounds.crown`; options ``max_spec_elements``, ``splits``, and for
             alpha-crown ``iterations``, ``lr``, ``lr_decay``, ``patience``, ``tol``, ``beta``,
-            ``lr_beta`` and the warm start ``init_alphas``, ``init_betas``, ``alpha_out``).
+            ``lr_beta`` and the warm start ``init_alphas``, ``init_betas``, ``alpha_out``;
+            for ibp ``relu_shrink``, SABR's unsound ReLU-output shrink for training, default 1).
         y: optional labels ``[B]`` (int64). If given, the result is the margin lower bounds.
         x_L, x_U: an explicit input box ``[B, *in]`` (used as is), instead of ``eps``.
         bn_stats: ``{bn_module: (mean, var)}`` for training-mode batch norms, e.g. from

@@ -104,19 +104,38 @@ def _reshape(step: ReshapeStep, mu: Tensor, r: Tensor, stats: Stats) -> Box:
     return step.apply(mu), step.apply(r)
 
 
+def shrunk_relu(mu: Tensor, r: Tensor, shrink: float = 1.0) -> Box:
+    """The ReLU of the box ``(mu, r)`` (any shape) with SABR's ReLU-output shrink (Mueller et
+    al. 2023; CTBench Table 5 "ReLU shrink ratio", its ``relu_shrinkage``): an unstable neuron
+    (``l < 0 < u``) gets the output box ``[0, shrink * u]`` instead of ``[0, u]``; stable ones are
+    unchanged. ``shrink = 1`` is :func:`adcert.ops.interval_relu`. For ``shrink < 1`` the box is
+    NOT sound (a training heuristic that weakens IBP's regularisation); never certify with it."""
+    if shrink == 1.0:
+        return ops.interval_relu(mu, r)
+    lb, ub = mu - r, mu + r
+    ub = torch.where((lb < 0) & (ub > 0), ub * shrink, ub)
+    lo, hi = lb.clamp(min=0), ub.clamp(min=0)
+    return (hi + lo) / 2, (hi - lo) / 2
+
+
+def _relu_out(mu: Tensor, r: Tensor, relu_bounds: Optional[List[Box]], shrink: float) -> Box:
+    """A ReLU in a de-fused pass: record its input box when collecting, then apply it."""
+    if relu_bounds is not None:
+        relu_bounds.append((mu - r, mu + r))
+    return shrunk_relu(mu, r, shrink)
+
+
 def _residual(step: ResidualStep, mu: Tensor, r: Tensor, stats: Stats,
-              relu_bounds: Optional[List[Box]] = None) -> Box:
+              relu_bounds: Optional[List[Box]] = None, relu_shrink: float = 1.0) -> Box:
     """Sum of the branches' boxes (``mu1 + mu2``, ``r1 + r2``), then optionally ReLU. ReLU inputs
     are collected branch by branch, in branch order, then the join's own ReLU."""
     out_mu = out_r = None
     for branch in step.branches:
-        b_mu, b_r = ibp_steps(branch, mu, r, stats, relu_bounds)
+        b_mu, b_r = ibp_steps(branch, mu, r, stats, relu_bounds, relu_shrink)
         out_mu = b_mu if out_mu is None else out_mu + b_mu
         out_r = b_r if out_r is None else out_r + b_r
     if step.relu:
-        if relu_bounds is not None:
-            relu_bounds.append((out_mu - out_r, out_mu + out_r))
-        out_mu, out_r = ops.interval_relu(out_mu, out_r)
+        out_mu, out_r = _relu_out(out_mu, out_r, relu_bounds, relu_shrink)
     return out_mu, out_r
 
 
@@ -140,35 +159,37 @@ def _without_relu(step: Step) -> Optional[Step]:
 
 
 def ibp_steps(steps: Sequence[Step], mu: Tensor, r: Tensor, stats: Stats,
-              relu_bounds: Optional[List[Box]] = None) -> Box:
+              relu_bounds: Optional[List[Box]] = None, relu_shrink: float = 1.0) -> Box:
     """Propagate the box ``(mu, r)`` through ``steps``; ``stats`` holds ``(mean, var)`` for every
     batch norm among them (see :func:`adcert.bounds.forward.resolve_bn_stats`).
 
     ``relu_bounds``: if a list, ``(lb, ub)`` of every ReLU's input is appended to it, in order
-    (differentiable). Fused steps then run their ReLU as a separate op, which is slower: collect
-    only when needed (e.g. the warm-up regularisers)."""
+    (differentiable). ``relu_shrink``: every ReLU is :func:`shrunk_relu` with this ratio (1: plain
+    IBP). With either, fused steps run their ReLU as a separate op, which is slower: use them only
+    when needed (e.g. the warm-up regularisers, SABR's shrink)."""
+    split = relu_bounds is not None or relu_shrink != 1.0
     for step in steps:
         if isinstance(step, ResidualStep):
-            mu, r = _residual(step, mu, r, stats, relu_bounds)
+            mu, r = _residual(step, mu, r, stats, relu_bounds, relu_shrink)
             continue
-        if relu_bounds is not None:
+        if split:
             bare = _without_relu(step)
             if bare is not None:
                 mu, r = IBP_RULES[type(bare)](bare, mu, r, stats)
-                relu_bounds.append((mu - r, mu + r))
-                mu, r = ops.interval_relu(mu, r)
+                mu, r = _relu_out(mu, r, relu_bounds, relu_shrink)
                 continue
             if isinstance(step, ReluStep):
-                relu_bounds.append((mu - r, mu + r))
+                mu, r = _relu_out(mu, r, relu_bounds, relu_shrink)
+                continue
         mu, r = IBP_RULES[type(step)](step, mu, r, stats)
     return mu, r
 
 
 def ibp_forward(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
-                relu_bounds: Optional[List[Box]] = None) -> Box:
+                relu_bounds: Optional[List[Box]] = None, relu_shrink: float = 1.0) -> Box:
     """The output box ``(mu, r)`` of the whole plan for the input box ``(mu, r): [B, *in]``
-    (``relu_bounds``: see :func:`ibp_steps`)."""
-    return ibp_steps(plan.steps, mu, r, stats, relu_bounds)
+    (``relu_bounds``, ``relu_shrink``: see :func:`ibp_steps`)."""
+    return ibp_steps(plan.steps, mu, r, stats, relu_bounds, relu_shrink)
 
 
 def effective_linear(step: AffineStep, stats: Stats) -> Tuple[Tensor, Tensor]:

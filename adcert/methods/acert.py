@@ -40,7 +40,7 @@ from adcert.methods.base import Method, MethodOutput, StepState, register, with_
 from adcert.radius import certified_radius
 
 try:  # Shi et al.'s warm-up regularisers (adcert.methods.regularizers, when present)
-    from adcert.methods.regularizers import warmup_regularizer
+    from adcert.methods.regularizers import first_layer_radius, warmup_regularizer
 except ImportError:  # pragma: no cover - older trees: the warm-up regulariser is unavailable
     warmup_regularizer = None
 
@@ -193,8 +193,8 @@ class ACERT(Method):
         if iters is not None:
             logs["brent_iters"] = iters.to(radius.dtype).mean()
         if reg_on and relu_bounds:
-            box_radius = ((x + radius.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1)
-                          - (x - radius.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1)) / 2
+            e = radius.view(-1, *[1] * (x.dim() - 1))
+            box_radius = first_layer_radius(model, (x - e).clamp(0, 1), (x + e).clamp(0, 1))
             penalty = warmup_regularizer(box_radius, relu_bounds, self.reg_tau)
             total = total + self.reg_lambda * (1 - state.ramp) * penalty
             logs["loss_reg"] = penalty.detach()

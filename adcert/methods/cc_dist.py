@@ -12,6 +12,8 @@ features, ``[B, k]``), ``g`` that linear layer; the teacher is split the same wa
     L_rob = CE(-((1 - a) m_adv + a m_IBP), y) + beta R,             beta = 5 / k by default,
 
 ``m_adv = z_y - z`` at ``x_adv`` and ``m_IBP`` the IBP margins (CC-IBP, De Palma et al. 2024).
+``x_adv``: CTBench's training attack (3 restarts, App. B.4; ``step_size`` a fraction of the box
+half-width, default ``max(0.25, 2 / steps)``), as every attack of the IBP family.
 The teacher is frozen (eval mode, ``requires_grad=False``) and never differentiated.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from adcert.bounds import compute_bounds
 from adcert.methods._split import split_before_last_linear
 from adcert.methods.adcert import freeze_teacher
 from adcert.methods.base import register
-from adcert.methods.ibp_family import IBPFamily
+from adcert.methods.ibp_family import IBPFamily, check_attack_hparams
+from adcert.methods.regularizers import first_layer_radius
 
 
 @register
@@ -36,10 +39,12 @@ class CCDist(IBPFamily):
 
     def __init__(self, teacher: nn.Module = None, alpha: float = 0.5, beta: float = None,
                  w_rob: float = 1.0, steps: int = 1, attack_range_scale: float = 1.0,
-                 step_size: float = None, reg_lambda: float = 0.5, reg_tau: float = 0.5):
+                 step_size: float = None, reg_lambda: float = 0.5, reg_tau: float = 0.5,
+                 restarts: int = 3):
         super().__init__(w_rob, reg_lambda, reg_tau)
         if teacher is None:
             raise ValueError("cc-dist: needs a teacher model (teacher=...)")
+        check_attack_hparams(self.name, steps, restarts, step_size)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"cc-dist: alpha must be in [0, 1], got {alpha}")
         if beta is not None and not beta >= 0:
@@ -50,6 +55,7 @@ class CCDist(IBPFamily):
         self.teacher_h, _ = split_before_last_linear(teacher, "teacher")
         self.alpha, self.beta = float(alpha), None if beta is None else float(beta)
         self.steps, self.scale, self.step_size = int(steps), float(attack_range_scale), step_size
+        self.restarts = int(restarts)
         self._splits = weakref.WeakKeyDictionary()
 
     def split(self, model):
@@ -66,13 +72,13 @@ class CCDist(IBPFamily):
             self.teacher.eval()
             t = self.teacher_h(x).flatten(1)
         x_adv = self.attack(model, x, y, self.scale * state.eps, self.steps, state,
-                            self.step_size)
+                            self.step_size, self.restarts)
         f_adv = self.shared_forward(h, x_adv, state)
         z_adv = g(f_adv)
         x_L, x_U = (x - state.eps).clamp(0, 1), (x + state.eps).clamp(0, 1)
         relu_bounds = reg.relu_bounds if reg.active else None
         if relu_bounds is not None:
-            reg.input_radius = (x_U - x_L) / 2
+            reg.input_radius = first_layer_radius(model, x_L, x_U)
         lb, ub = compute_bounds(h, x, x_L=x_L, x_U=x_U, bn_stats=state.bn_stats,
                                 relu_bounds=relu_bounds)
         m_ibp = compute_bounds(g, (lb + ub) / 2, x_L=lb, x_U=ub, y=y, bn_stats=state.bn_stats)

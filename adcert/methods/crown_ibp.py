@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from adcert.bounds import compute_bounds, crown_ibp_ce_upper
 from adcert.methods.base import register
 from adcert.methods.ibp_family import IBPFamily
+from adcert.methods.regularizers import first_layer_radius
 
 
 @register
@@ -68,7 +69,8 @@ class CrownIBP(IBPFamily):
         pass serves the fused bound, the IBP loss and the warm-up regulariser."""
         relu_bounds = reg.relu_bounds if reg.active else None
         if relu_bounds is not None:  # the box of compute_bounds / crown_ibp_ce_upper for eps
-            reg.input_radius = ((x + state.eps).clamp(0, 1) - (x - state.eps).clamp(0, 1)) / 2
+            reg.input_radius = first_layer_radius(model, (x - state.eps).clamp(0, 1),
+                                                  (x + state.eps).clamp(0, 1))
         fused, margins = crown_ibp_ce_upper(model, x, state.eps, y, bn_stats=state.bn_stats,
                                             relu_bounds=relu_bounds, return_ibp_margins=True)
         per_sample = fused if beta == 1 else \

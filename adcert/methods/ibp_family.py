@@ -10,7 +10,7 @@ implement :meth:`robust_loss`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,22 @@ from torch import nn
 from adcert.attacks import pgd_attack, shared_bn
 from adcert.bounds import compute_bounds
 from adcert.methods.base import Method, MethodOutput, StepState, with_bn_stats
-from adcert.methods.regularizers import warmup_regularizer
+from adcert.methods.regularizers import first_layer_radius, warmup_regularizer
 
 Tensor = torch.Tensor
+
+
+def check_attack_hparams(method: str, steps: int, restarts: int, step_size: Optional[float],
+                         restarts_name: str = "restarts", steps_name: str = "steps") -> None:
+    """Raise ``ValueError`` naming the argument unless ``steps`` is an int >= 0, ``restarts`` an
+    int >= 1 and ``step_size`` None or a number > 0 (a fraction of the box half-width)."""
+    for name, value, low in ((steps_name, steps, 0), (restarts_name, restarts, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{method}: {name} must be an int >= {low}, got {value!r}")
+    if step_size is not None and (isinstance(step_size, bool)
+                                  or not isinstance(step_size, (int, float)) or step_size <= 0):
+        raise ValueError(f"{method}: step_size must be None or a number > 0 (a fraction of the "
+                         f"attack box's half-width), got {step_size!r}")
 
 
 class RegContext:
@@ -56,17 +69,20 @@ class IBPFamily(Method):
     # -- helpers for subclasses -------------------------------------------------------------
     def ibp_margins(self, model: nn.Module, x: Tensor, y: Tensor, state: StepState,
                     reg: Optional[RegContext] = None, eps: Optional[float] = None,
-                    x_L: Optional[Tensor] = None, x_U: Optional[Tensor] = None) -> Tensor:
+                    x_L: Optional[Tensor] = None, x_U: Optional[Tensor] = None,
+                    relu_shrink: float = 1.0) -> Tensor:
         """IBP margin lower bounds ``[B, C]`` over the box (``eps`` defaults to ``state.eps``),
-        with the step's BN statistics; fills ``reg`` when it is active."""
+        with the step's BN statistics; fills ``reg`` when it is active (``r0``: the box's radii
+        after the model's Normalize, :func:`first_layer_radius`). ``relu_shrink``: SABR's
+        ReLU-output shrink (1 = plain IBP; < 1 makes the margins unsound)."""
         if x_L is None:
             e = state.eps if eps is None else eps
             x_L, x_U = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
         relu_bounds = reg.relu_bounds if reg is not None and reg.active else None
         if relu_bounds is not None:
-            reg.input_radius = (x_U - x_L) / 2
+            reg.input_radius = first_layer_radius(model, x_L, x_U)
         return compute_bounds(model, x, y=y, x_L=x_L, x_U=x_U, bn_stats=state.bn_stats,
-                              relu_bounds=relu_bounds)
+                              relu_bounds=relu_bounds, relu_shrink=relu_shrink)
 
     @staticmethod
     def ibp_loss(margins: Tensor, y: Tensor) -> Tensor:
@@ -83,13 +99,18 @@ class IBPFamily(Method):
 
     @staticmethod
     def attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int,
-               state: StepState, step_size: Optional[float] = None, restarts: int = 1) -> Tensor:
-        """CE-PGD in the eps-ball with the step's BN statistics, detached (input gradients
-        only)."""
+               state: StepState, step_size: Optional[float] = None, restarts: int = 3,
+               loss: Union[str, Callable[[Tensor, Tensor], Tensor]] = "ce") -> Tensor:
+        """PGD on ``loss`` (default CE) in the eps-ball with the step's BN statistics, detached
+        (input gradients only): CTBench's training attack (``schedule="ctbench"`` of
+        :func:`pgd_attack`; CTBench App. B.4: 3 restarts everywhere), ``step_size`` a fraction of
+        the box half-width (default ``max(0.25, 2 / steps)``), the best-loss iterate kept.
+        ``x: [B, *in]``, ``y: [B]`` -> ``x_adv: [B, *in]``."""
         if eps <= 0:
             return x.detach()
         return pgd_attack(model, x, y, eps, steps=steps, step_size=step_size,
-                          restarts=restarts, bn_stats=state.bn_stats)
+                          restarts=restarts, loss=loss, schedule="ctbench",
+                          bn_stats=state.bn_stats)
 
     # -- the objective ----------------------------------------------------------------------
     def robust_loss(self, model: nn.Module, x: Tensor, y: Tensor, state: StepState,

@@ -5,34 +5,37 @@ adversarial and an IBP loss with coefficient ``alpha``:
 * CC-IBP:  ``CE(-((1 - alpha) m_adv + alpha m_IBP), y)`` with ``m_adv = z_y - z`` at ``x_adv``;
 * Exp-IBP: ``L_IBP^alpha * L_adv^(1 - alpha)``.
 
-``x_adv``: CE-PGD with ``steps`` steps over ``attack_range_scale * eps_t``.
+``x_adv``: CE-PGD with ``steps`` steps over ``attack_range_scale * eps_t``: CTBench's training
+attack (``restarts`` = 3, App. B.4; ``step_size`` a fraction of the box half-width, default
+``max(0.25, 2 / steps)``; the best-loss iterate).
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 
 from adcert.methods.base import register
-from adcert.methods.ibp_family import IBPFamily
+from adcert.methods.ibp_family import IBPFamily, check_attack_hparams
 
 
 class _Expressive(IBPFamily):
     def __init__(self, alpha: float = 0.5, w_rob: float = 1.0, steps: int = 1,
                  attack_range_scale: float = 1.0, step_size: float = None,
-                 reg_lambda: float = 0.5, reg_tau: float = 0.5):
+                 reg_lambda: float = 0.5, reg_tau: float = 0.5, restarts: int = 3):
         super().__init__(w_rob, reg_lambda, reg_tau)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{self.name}: alpha must be in [0, 1], got {alpha}")
+        check_attack_hparams(self.name, steps, restarts, step_size)
         if int(steps) < 0 or attack_range_scale <= 0:
             raise ValueError(f"{self.name}: expected steps >= 0 and attack_range_scale > 0")
         self.alpha, self.steps, self.scale = float(alpha), int(steps), float(attack_range_scale)
-        self.step_size = step_size
+        self.step_size, self.restarts = step_size, int(restarts)
 
     def combine(self, adv_logits, margins, y):
         raise NotImplementedError
 
     def robust_loss(self, model, x, y, state, logits, reg):
         x_adv = self.attack(model, x, y, self.scale * state.eps, self.steps, state,
-                            self.step_size)
+                            self.step_size, self.restarts)
         adv_logits = self.shared_forward(model, x_adv, state) if self.alpha < 1 else None
         margins = self.ibp_margins(model, x, y, state, reg)
         return self.combine(adv_logits, margins, y), margins, {}

@@ -2,7 +2,9 @@
 
 Both warm-up terms take the pre-activation bounds of every ReLU layer (``compute_bounds(...,
 relu_bounds=lst)``) and the input box. Per ReLU layer ``i`` with centre ``c = (u + l) / 2`` and radius
-``r = (u - l) / 2``, and ``r0`` the mean radius of the input box:
+``r = (u - l) / 2``, and ``r0`` the mean radius of the box entering the first affine layer, i.e.
+after the model's input :class:`~adcert.models.Normalize` (:func:`first_layer_radius`; Shi et al.
+normalise the data before the network, so their ``r0`` is ``eps / std``):
 
 * tightness: ``relu(tau - r0 / mean(r_i)) / tau`` -- penalises layers whose bounds grow much looser
   than the input box;
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adcert.bounds import NormalizeStep, get_plan
+
 Tensor = torch.Tensor
 Bounds = Tuple[Tensor, Tensor]
 
@@ -33,6 +37,21 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tuple[Tensor, Tensor]:
     valid = (den > 0) & torch.isfinite(num) & torch.isfinite(den)
     one = torch.ones_like(num)
     return torch.where(valid, num, one) / torch.where(valid, den, one), valid
+
+
+def first_layer_radius(model: nn.Module, x_L: Tensor, x_U: Tensor) -> Tensor:
+    """Radii ``[B, *in]`` of the input box ``[x_L, x_U]`` (pixel space, ``[B, *in]`` each) as it
+    enters ``model``'s first affine layer: ``(x_U - x_L) / 2`` divided, per channel, by the
+    ``std`` of every :class:`~adcert.models.Normalize` the model starts with (unchanged when it
+    starts with none). The ``r0`` of the tightness regulariser (Shi et al. 2021; CTBench's
+    ``regularization.py`` reads it from the bounds after its normalisation layer too)."""
+    radius = (x_U - x_L) / 2
+    for step in get_plan(model).steps:
+        if not isinstance(step, NormalizeStep):
+            break
+        norm = step.module
+        radius = radius / norm.channel_view(norm.std, radius).abs()
+    return radius
 
 
 def tightness_terms(input_radius: Tensor, relu_bounds: Sequence[Bounds], tau: float = 0.5
