@@ -142,13 +142,19 @@ def test_ibp_init_halves_residual_fed_layers():
 
 
 def test_kaiming_init():
+    """Kaiming uniform as CTBench's code (``kaiming_uniform_`` defaults): U(-b, b), b =
+    sqrt(6 / fan_in), on every conv/linear weight; biases keep their PyTorch defaults."""
     torch.manual_seed(0)
     model = cnn7(width=16, linear_size=64)
+    biases = [m.bias.detach().clone() for m in _layers(model)]
     kaiming_init(model)
-    for m in _layers(model):
-        want = math.sqrt(2.0 / m.weight[0].numel())
-        assert abs(float(m.weight.detach().std()) / want - 1) < 0.15
-        assert torch.count_nonzero(m.bias) == 0
+    for m, bias in zip(_layers(model), biases):
+        w = m.weight.detach()
+        bound = math.sqrt(6.0 / w[0].numel())
+        assert float(w.abs().max()) <= bound
+        assert float(w.abs().max()) > 0.95 * bound                 # uniform: fills the range
+        assert abs(float(w.std()) / (bound / math.sqrt(3)) - 1) < 0.15
+        assert torch.equal(m.bias.detach(), bias)                   # biases untouched
 
 
 def test_demo_uses_the_shared_ibp_init():

@@ -320,3 +320,113 @@ def test_acert_second_epoch_searches_start_warm(tmp_path):
     assert int(inner.sum()) >= 8, "the test needs samples with an interior radius"
     assert float((warm_r - cold_r).abs().max()) <= 2e-5
     assert float(warm_it[inner].double().mean()) < float(cold_it[inner].double().mean())
+
+
+# -- SWA that never averaged, per-step learning-rate schedules ----------------------------------
+def test_swa_without_an_average_finishes_with_the_trained_model(tmp_path):
+    """A run shorter than ``swa.start_epoch`` takes no average: ``final.pt`` is the trained
+    model (population BN statistics), not the SWA copy of the initial weights."""
+    trainer = Trainer(_cfg(tmp_path, train__epochs=2, swa__start_epoch=5))
+    initial = _weights(trainer.model)
+    record = trainer.fit()
+    assert int(trainer.swa.n_averaged) == 0 and not trainer.swa_used
+    assert record["swa_averaged"] == 0
+    final = model_from_checkpoint(tmp_path / "final.pt").state_dict()
+    trained = _weights(trainer.model)
+    weights = [k for k in trained if k.endswith("weight")]
+    assert weights and all(torch.equal(final[k], trained[k]) for k in weights)
+    assert not all(torch.equal(final[k], initial[k]) for k in weights)
+    # with an average taken (start_epoch within the run) the final model is the average
+    avg = Trainer(_cfg(tmp_path / "avg", train__epochs=2, swa__start_epoch=1))
+    avg.fit()
+    assert int(avg.swa.n_averaged) == 1 and avg.swa_used
+    final = model_from_checkpoint(tmp_path / "avg" / "final.pt").state_dict()
+    swa = avg.swa.module.state_dict()
+    assert all(torch.equal(final[k], swa[k]) for k in weights)
+
+
+_SCHEDULES = {
+    "onecycle": {"lr_schedule": "onecycle", "max_lr": 2e-3, "lr_milestones": []},
+    "cyclic": {"lr_schedule": "cyclic", "max_lr": 0.05, "lr_milestones": [],
+               "optimizer": "sgd"},
+}
+
+
+def _sched_cfg(path, kind, **over):
+    cfg = _cfg(path, **over)
+    for k, v in _SCHEDULES[kind].items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("kind", sorted(_SCHEDULES))
+def test_per_step_schedule_kill_and_resume_is_bit_identical(tmp_path, kind):
+    full = Trainer(_sched_cfg(tmp_path / "full", kind))
+    assert full.sched_per_step
+    full.fit()
+    steps = full.steps_per_epoch
+    assert full.sched.last_epoch == 3 * steps                 # stepped once per optimiser step
+    part = Trainer(_sched_cfg(tmp_path / "part", kind), [_KillAt(steps + 3)])
+    with pytest.raises(_Kill):
+        part.fit()
+    cfg = _sched_cfg(tmp_path / "part", kind)
+    cfg.resume = True
+    resumed = Trainer(cfg)
+    assert resumed.sched.last_epoch == steps
+    resumed.fit()
+    a, b = _weights(full.model), _weights(resumed.model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.sched.state_dict() == resumed.sched.state_dict()
+    assert full.opt.state_dict()["param_groups"] == resumed.opt.state_dict()["param_groups"]
+    recs = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs[:3]]                         # the rate at each epoch's start
+    if kind == "cyclic":   # up over the first half, then down
+        assert lrs[0] < lrs[1] and lrs[2] < lrs[1]
+    else:                  # starts at max_lr / 25
+        assert lrs[0] == pytest.approx(2e-3 / 25) and lrs[1] > lrs[0]
+
+
+def test_edac_steps_the_trainers_optimiser_and_resumes_exactly(tmp_path):
+    """EDAC's look-ahead is a step of the training optimiser (CTBench): two Adam steps per
+    training step; resume stays bit-exact; gradient accumulation is refused."""
+    over = dict(method__name="edac", method__hparams={"steps": 2, "restarts": 1},
+                train__epochs=2, swa__enabled=False)
+    full = Trainer(_cfg(tmp_path / "full", **over))
+    assert full.method.optimizer is full.opt
+    full.fit()
+    steps = full.steps_per_epoch
+    assert int(full.opt.state_dict()["state"][0]["step"]) == 2 * 2 * steps
+    part = Trainer(_cfg(tmp_path / "part", **over), [_KillAt(steps + 2)])
+    with pytest.raises(_Kill):
+        part.fit()
+    cfg = _cfg(tmp_path / "part", **over)
+    cfg.resume = True
+    resumed = Trainer(cfg)
+    resumed.fit()
+    a, b = _weights(full.model), _weights(resumed.model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ValueError, match=r"^train\.grad_accum:"):
+        Trainer(_cfg(tmp_path / "accum", train__grad_accum=2, **over))
+    # the functional look-ahead needs no optimiser and allows accumulation
+    func = dict(over, method__hparams={"steps": 2, "restarts": 1, "lookahead": "functional"})
+    Trainer(_cfg(tmp_path / "func", train__grad_accum=2, **func))
+
+
+def test_resume_accepts_a_checkpoint_that_predates_new_config_keys(tmp_path):
+    """A checkpoint written before a config key existed (here the schedule keys) resumes when
+    the key is at its default, and is refused when it is not."""
+    Trainer(_cfg(tmp_path, train__epochs=1)).fit()
+    path = tmp_path / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("optimizer", "lr_schedule", "max_lr", "lr_pct_start"):
+        del ckpt["config"]["train"][key]
+    torch.save(ckpt, path)
+    cfg = _cfg(tmp_path, train__epochs=1)
+    cfg.resume = True
+    assert Trainer(cfg).epoch == 1
+    cfg = _cfg(tmp_path, train__epochs=1, train__optimizer="sgd")
+    cfg.resume = True
+    with pytest.raises(ValueError, match=r"^train\.optimizer: differs"):
+        Trainer(cfg)

@@ -1,5 +1,5 @@
-"""Weight initialisations: IBP initialisation for certified training, Kaiming for adversarial
-teachers."""
+"""Weight initialisations: IBP initialisation for certified training, Kaiming uniform for
+adversarial teachers."""
 from __future__ import annotations
 
 import math
@@ -27,12 +27,15 @@ def ibp_init(model: nn.Module) -> nn.Module:
 
 
 def kaiming_init(model: nn.Module) -> nn.Module:
-    """Kaiming-normal (fan-in, ReLU gain) conv/linear weights and zero biases; for adversarially
-    trained teachers. Returns ``model``."""
+    """Kaiming-uniform initialisation for adversarially trained teachers (CTBench App. B.3 and
+    AD-CERT App. F.3: "initialized by Kaiming uniform"), as CTBench's code does it
+    (``networks.get_network(init="default")`` -> ``torch.nn.init.kaiming_uniform_(weight)`` on
+    every layer with a weight except batch norms, github.com/eth-sri/CTBench): every conv/linear
+    weight, the last layer's included, redrawn from ``U(-b, b)`` with ``b = sqrt(6 / fan_in)``
+    (``kaiming_uniform_``'s defaults: fan-in, gain ``sqrt(2)``); biases and batch norms keep
+    their PyTorch defaults. Returns ``model``."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, _LAYERS):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                if m.bias is not None:
-                    m.bias.zero_()
+                nn.init.kaiming_uniform_(m.weight)
     return model

@@ -60,8 +60,25 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    """epochs: total epochs. lr / lr_milestones / lr_decay: Adam, the rate multiplied by
-    ``lr_decay`` at each milestone epoch. eps: the training radius (pixel space).
+    """epochs: total epochs. optimizer: ``adam`` (CTBench App. B.3) or ``sgd`` (with
+    ``momentum``; the short-cycle teachers of AD-CERT App. D / F.3). lr_schedule: the learning
+    rate over the run (:mod:`adcert.train.schedules`):
+
+    * ``milestones`` (default, CTBench App. B.3): ``lr``, multiplied by ``lr_decay`` at each of
+      the ``lr_milestones`` epochs (stepped per epoch).
+    * ``onecycle`` (ACERT App. B, Table 4): ``torch.optim.lr_scheduler.OneCycleLR`` over every
+      optimiser step of the run with peak ``max_lr``: from ``max_lr / lr_div_factor`` up to
+      ``max_lr`` over the first ``lr_pct_start`` (default 0.3) of the steps, then down to
+      ``max_lr / (lr_div_factor * lr_final_div_factor)``, annealing ``lr_anneal`` (``linear``
+      or ``cos``); ``lr_cycle_momentum`` also cycles Adam's beta1 / SGD's momentum between 0.95
+      and 0.85 as torch does by default.
+    * ``cyclic`` (AD-CERT App. D, the 30-epoch short-cycle teacher): one triangle over the run,
+      stepped per optimiser step: linear from 0 up to ``max_lr`` at the ``lr_pct_start``
+      fraction of the run (default 0.5), then linearly back to 0 at the end (the rate of step
+      ``s`` of ``S`` is the triangle at ``(s + 1) / S``).
+
+    ``lr`` is used by ``milestones`` only; ``max_lr`` and the ``lr_*`` shape keys by
+    ``onecycle`` / ``cyclic`` only. eps: the training radius (pixel space).
     clean_epochs: epochs at eps 0 first. ramp_epochs: epochs over which eps grows smoothly to
     ``eps`` (power 4 up to ``ramp_mid`` of the ramp, then linear; 0 = no ramp).
     coef_ramp: the method coefficient ``StepState.coef``: ``eps`` (= eps_t / eps), ``linear``
@@ -78,9 +95,18 @@ class TrainConfig:
     the final evaluation.
     threads: torch CPU threads (0 = leave torch's default)."""
     epochs: int = 70
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    lr_schedule: str = "milestones"
     lr: float = 5e-4
     lr_milestones: List[int] = field(default_factory=list)
     lr_decay: float = 0.2
+    max_lr: Optional[float] = None
+    lr_pct_start: Optional[float] = None
+    lr_anneal: str = "linear"
+    lr_div_factor: float = 25.0
+    lr_final_div_factor: float = 1e4
+    lr_cycle_momentum: bool = True
     eps: float = 0.1
     clean_epochs: int = 1
     ramp_epochs: int = 20
@@ -97,7 +123,8 @@ class TrainConfig:
 @dataclass
 class SWAConfig:
     """Stochastic weight averaging of the weights at the end of every epoch from ``start_epoch``
-    (0-based) on; the averaged model's BN statistics are recomputed over the training set."""
+    (0-based) on; the averaged model's BN statistics are recomputed over the training set. A run
+    that ends before ``start_epoch`` takes no average: its final model is the trained one."""
     enabled: bool = False
     start_epoch: int = 0
 
@@ -153,6 +180,9 @@ class Config:
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 _CHOICES = {"train.coef_ramp": ("eps", "linear", "none"), "train.bn_mode": ("batch", "frozen"),
+            "train.optimizer": ("adam", "sgd"),
+            "train.lr_schedule": ("milestones", "onecycle", "cyclic"),
+            "train.lr_anneal": ("linear", "cos"),
             "model.init": ("ibp", "kaiming", "default")}
 
 
@@ -241,12 +271,29 @@ def validate(cfg: Config) -> Config:
         need(value in choices, key, "one of " + ", ".join(choices), value)
     t, d, e = cfg.train, cfg.data, cfg.eval
     need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    need(0 <= t.momentum < 1, "train.momentum", "a factor in [0, 1)", t.momentum)
     need(t.lr > 0, "train.lr", "> 0", t.lr)
     need(0 < t.lr_decay <= 1, "train.lr_decay", "a factor in (0, 1]", t.lr_decay)
     need(all(m >= 1 for m in t.lr_milestones), "train.lr_milestones", "epochs >= 1",
          t.lr_milestones)
     need(list(t.lr_milestones) == sorted(t.lr_milestones), "train.lr_milestones",
          "an increasing list", t.lr_milestones)
+    if t.lr_schedule == "milestones":
+        need(t.max_lr is None, "train.max_lr", "null with lr_schedule milestones (the rate is "
+             "train.lr; max_lr is the peak of onecycle / cyclic)", t.max_lr)
+        need(t.lr_pct_start is None, "train.lr_pct_start", "null with lr_schedule milestones "
+             "(it shapes onecycle / cyclic)", t.lr_pct_start)
+    else:
+        need(t.max_lr is not None and t.max_lr > 0, "train.max_lr",
+             f"a peak rate > 0 for lr_schedule {t.lr_schedule}", t.max_lr)
+        need(not t.lr_milestones, "train.lr_milestones",
+             f"an empty list with lr_schedule {t.lr_schedule} (milestones only apply to "
+             f"lr_schedule milestones)", t.lr_milestones)
+        need(t.lr_pct_start is None or 0 < t.lr_pct_start < 1, "train.lr_pct_start",
+             "null or a fraction in (0, 1)", t.lr_pct_start)
+    need(t.lr_div_factor >= 1, "train.lr_div_factor", ">= 1", t.lr_div_factor)
+    need(t.lr_final_div_factor >= 1, "train.lr_final_div_factor", ">= 1",
+         t.lr_final_div_factor)
     need(t.eps >= 0, "train.eps", ">= 0", t.eps)
     need(t.clean_epochs >= 0, "train.clean_epochs", ">= 0", t.clean_epochs)
     need(t.ramp_epochs >= 0, "train.ramp_epochs", ">= 0", t.ramp_epochs)

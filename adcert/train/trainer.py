@@ -10,10 +10,12 @@ global batch under ``grad_accum``; synchronised over processes) and reused, diff
 every forward and bound pass of the step (:class:`adcert.train.bn.StepBatchNorm`, DESIGN.md
 section 5), then folded into the running statistics once; the method's loss on each micro-batch
 (scaled by its share of the batch) backpropagated; the L1 penalty on conv/linear weights; a mean
-all-reduce of the gradients across processes; gradient-norm clipping; an Adam step. Per epoch: the
-milestone learning-rate decay, SWA averaging, evaluation on a test subset, a JSON-lines record and
-an atomic checkpoint. Resuming from the checkpoint reproduces the uninterrupted run exactly (CPU):
-the batches are a function of ``(seed, epoch, index)`` and every RNG state is saved.
+all-reduce of the gradients across processes; gradient-norm clipping; an optimiser step (Adam or
+SGD, ``train.optimizer``); a per-step learning-rate schedule's step (``onecycle``, ``cyclic``).
+Per epoch: the milestone learning-rate decay (``milestones``), SWA averaging, evaluation on a test
+subset, a JSON-lines record and an atomic checkpoint. The final model is the SWA average when one
+was taken, else the trained weights. Resuming from the checkpoint reproduces the uninterrupted run
+exactly (CPU): the batches are a function of ``(seed, epoch, index)`` and every RNG state is saved.
 
 Multi-process: launch with ``torchrun`` (``adcert train`` initialises the process group from the
 environment) or initialise ``torch.distributed`` yourself before building the Trainer. Gradients
@@ -49,7 +51,7 @@ from adcert.train.checkpoint import (
 )
 from adcert.train.config import Config, ConfigError
 from adcert.train.evaluate import evaluate, is_certified
-from adcert.train.schedules import coef_at, eps_at
+from adcert.train.schedules import build_lr_scheduler, build_optimizer, coef_at, eps_at
 
 Tensor = torch.Tensor
 Callback = Callable[..., None]
@@ -124,9 +126,12 @@ class Trainer:
         self._build_method()
         # per-process RNG stream from here on (PGD random starts, dropout...)
         self._seed(cfg.seed * 1_000_003 + self.rank + 1)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(
-            self.opt, milestones=list(cfg.train.lr_milestones), gamma=cfg.train.lr_decay)
+        self.opt = build_optimizer(self.model.parameters(), cfg.train)
+        # sched_per_step: step the schedule after every optimiser step (onecycle, cyclic) or
+        # after every epoch (milestones); adcert.train.schedules
+        self.sched, self.sched_per_step = build_lr_scheduler(self.opt, cfg.train,
+                                                             len(self.batches))
+        self._bind_optimizer()
         self.swa = (torch.optim.swa_utils.AveragedModel(self.model) if cfg.swa.enabled else None)
         self.steps_per_epoch = len(self.batches)
         self.clean_steps = cfg.train.clean_epochs * self.steps_per_epoch
@@ -219,6 +224,20 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"method.hparams: {err.args[0] if err.args else err}") from None
 
+    def _bind_optimizer(self) -> None:
+        """A method that takes optimiser steps of its own -- EDAC's look-ahead, a real step of
+        the training optimiser as in CTBench -- exposes ``bind_optimizer(optimizer)`` and gets
+        the trainer's optimiser (its state and scheduled rate included) here. It steps once per
+        ``loss`` call, i.e. once per micro-batch, so it needs ``train.grad_accum: 1``."""
+        bind = getattr(self.method, "bind_optimizer", None)
+        if bind is None:
+            return
+        if getattr(self.method, "uses_optimizer", True) and self.cfg.train.grad_accum > 1:
+            raise ConfigError(f"train.grad_accum: method {self.method.name!r} steps the "
+                              f"optimiser inside its loss (once per micro-batch); use "
+                              f"grad_accum 1 (got {self.cfg.train.grad_accum})")
+        bind(self.opt)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def _gather_rng(self) -> List[Dict[str, Any]]:
         state = rng_state()
@@ -254,8 +273,11 @@ class Trainer:
                                   f"cannot be resumed")
         old = _flatten(ckpt["config"])
         new = _flatten(self.cfg.to_dict())
+        # a key the stored config predates (e.g. train.lr_schedule) matches at its default
+        default = _flatten(Config().to_dict())
         diff = sorted(k for k in set(old) | set(new)
-                      if k not in _IGNORED_ON_RESUME and old.get(k) != new.get(k))
+                      if k not in _IGNORED_ON_RESUME and old.get(k) != new.get(k)
+                      and not (k not in old and new.get(k) == default.get(k)))
         if diff:
             raise ConfigError(f"{diff[0]}: differs from the config stored in {self.ckpt_path} "
                               f"({old.get(diff[0])!r} there, {new.get(diff[0])!r} now); "
@@ -427,11 +449,14 @@ class Trainer:
             lr = self.opt.param_groups[0]["lr"]
             for i, (xb, yb, ib) in enumerate(bar):
                 loss = self.train_step(xb, yb, sums, ib)
+                if self.sched_per_step:
+                    self.sched.step()
                 if show and (i % 20 == 0 or i + 1 == self.steps_per_epoch):
                     bar.set_postfix(eps=f"{self.last_eps:.4f}", loss=f"{float(loss):.3f}")
                 self._callback("on_step", self.step)
             bar.close()
-            self.sched.step()
+            if not self.sched_per_step:
+                self.sched.step()
             if self.swa is not None and self.epoch >= cfg.swa.start_epoch:
                 self.swa.update_parameters(self.model)
             self.epoch += 1
@@ -459,14 +484,22 @@ class Trainer:
                 f"clean {pct(r['clean_acc'])}  pgd {pct(r['pgd_acc'])}  "
                 f"cert {pct(r['cert_acc'])}  ({r['epoch_time']:.1f} s)")
 
+    @property
+    def swa_used(self) -> bool:
+        """Whether the final model is the SWA average: SWA is enabled and at least one model was
+        averaged (a run that ends before ``swa.start_epoch`` never averages, and the average
+        would then still be the initial weights)."""
+        return self.swa is not None and int(self.swa.n_averaged) > 0
+
     def final_model(self) -> nn.Module:
         """The model to keep: the SWA average (BN statistics recomputed over the training set)
-        or a copy of the trained weights (population BN statistics if ``train.pop_bn``)."""
-        if self.swa is not None:
+        when one was taken (:attr:`swa_used`), else a copy of the trained weights (population BN
+        statistics if ``train.pop_bn``)."""
+        if self.swa_used:
             model = copy.deepcopy(self.swa.module)
         else:
             model = copy.deepcopy(self.model)
-        if self.swa is not None or self.cfg.train.pop_bn:
+        if self.swa_used or self.cfg.train.pop_bn:
             loader = Batches(self.x_train, self.y_train, self.local_batch, shuffle=False,
                              drop_last=True, device=self.device)
             bnlib.population_stats(model, (xb for xb, _ in loader.epoch(0)))
@@ -476,6 +509,8 @@ class Trainer:
         model = self.final_model()
         record: Dict[str, Any] = {"final": True, "epoch": self.epoch, "step": self.step,
                                   "eval_eps": self.cfg.eval_eps}
+        if self.swa is not None:  # models averaged (0: the final model is the trained one)
+            record["swa_averaged"] = int(self.swa.n_averaged)
         if self.rank == 0:
             t0 = time.perf_counter()
             record.update(self.evaluate(model, self.cfg.eval.final_subset))
