@@ -1,8 +1,8 @@
 """Smoke tests of the stand-alone benchmark scripts in their ``--quick`` modes: each runs end to
 end on CPU, exits 0 and writes what it documents. The numbers are not a measurement at these
 sizes; what is checked is that the comparison paths agree (the bound benchmark's plain-torch
-reference must produce the same bounds as adcert) and that the radius benchmark's rows are
-counted consistently."""
+reference must produce the same bounds as adcert), that the radius benchmark's rows are
+counted consistently and that the accuracy record has a row of valid accuracies per method."""
 from __future__ import annotations
 
 import json
@@ -60,3 +60,21 @@ def test_bench_certify_small_writes_stage_rates(tmp_path):
     assert res["unavailable"] == {}
     for s in res["stages"]:
         assert s["samples_per_s"] > 0 and len(s["times_s"]) == 1
+
+
+@pytest.mark.slow
+def test_bench_accuracy_quick_writes_a_row_per_method(tmp_path, shared_data):
+    if not (shared_data / "mnist").is_dir():
+        pytest.skip(f"MNIST not found: {shared_data / 'mnist'} is absent (set ADCERT_DATA)")
+    out = tmp_path / "accuracy.json"
+    proc = _run("bench_accuracy.py", "--quick", "--methods", "pgd,ibp", "--data-dir",
+                str(shared_data), "--work", str(tmp_path / "runs"), "--out", str(out))
+    assert out.with_suffix(".png").is_file() or "plot skipped" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["device"]["name"] and res["versions"]["torch"]
+    assert [r["method"] for r in res["results"]] == ["pgd", "ibp"]
+    for row in res["results"]:
+        for key in ("clean_acc", "pgd_acc", "cert_acc"):
+            assert 0.0 <= row[key] <= 1.0, (row["method"], key, row[key])
+        assert row["cert_acc"] <= row["pgd_acc"] <= row["clean_acc"], row["method"]
+        assert row["train_s"] > 0 and row["eval_samples"] == res["config"]["budget"]["test_subset"]
