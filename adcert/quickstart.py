@@ -6,7 +6,7 @@
 2. distils it into an AD-CERT student certified with IBP (``configs/digits_adcert.yaml``),
 3. prints clean, PGD and IBP-certified test accuracy of both.
 
-The default, scikit-learn's bundled 8x8 digits, needs no download (about 3 minutes on 2 cores).
+The default, scikit-learn's bundled 8x8 digits, needs no download (about 1.5 minutes on 2 cores).
 ``--dataset mnist`` uses MNIST from ``$ADCERT_DATA`` (or ``--set data.data_dir=...``) on a
 3000-image training subset. Each stage resumes if its output directory already holds a
 checkpoint of the same config. ``--set`` overrides apply to both stages.
