@@ -485,6 +485,53 @@ def test_input_errors():
         compute_bounds(model, x, 0.1, bn_stats=stats)
 
 
+def test_inputs_outside_the_pixel_range_are_refused_or_need_data_range():
+    """An eps-box is clamped to [0, 1]: around an already-normalised x it would not contain x
+    (a different point would be certified), so x is refused unless data_range says otherwise."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    x = torch.tensor([[-1.2, 0.3, 0.5, 2.0]], dtype=DT)  # e.g. (pixels - mean) / std
+    for method in ("ibp", "crown"):
+        with pytest.raises(ValueError, match=r"^x: expected pixels in \[0, 1\].*Normalize"):
+            compute_bounds(model, x, 0.1, method=method)
+    with pytest.raises(ValueError, match=r"^x: expected pixels in \[0, 1\]"):
+        compute_bounds(model, x, 0.1, y=torch.zeros(1, dtype=torch.long))
+    lb, ub = compute_bounds(nn.Sequential(nn.Flatten()), x, 0.1, data_range=(-3.0, 3.0))
+    assert bool((lb <= x).all() and (x <= ub).all())
+    torch.testing.assert_close(ub - lb, torch.full_like(x, 0.2))
+    lb, ub = compute_bounds(nn.Sequential(nn.Flatten()), x, 1.0, data_range=(-1.5, 2.5))
+    torch.testing.assert_close(lb, torch.tensor([[-1.5, -0.7, -0.5, 1.0]], dtype=DT))
+    torch.testing.assert_close(ub, torch.tensor([[-0.2, 1.3, 1.5, 2.5]], dtype=DT))
+    for bad in ((1.0, 0.0), (0.0,), (0.0, float("inf")), "01"):
+        with pytest.raises(ValueError, match="^data_range:"):
+            compute_bounds(model, x.clamp(0, 1), 0.1, data_range=bad)
+    # an explicit box is the caller's (SABR's small box is centred elsewhere): not checked
+    compute_bounds(model, x, x_L=x - 0.1, x_U=x + 0.1)
+    # the pixel range itself, ends included, is fine
+    compute_bounds(model, torch.tensor([[0.0, 0.3, 0.5, 1.0]], dtype=DT), 0.1)
+
+
+def test_wrong_input_size_names_x_and_the_expected_shape():
+    """A spatial size the model was not built for used to fail inside a layer, naming its
+    weight shape; now the message names x and the input shape the model takes."""
+    torch.manual_seed(0)
+    model = cnn3(in_channels=1, num_classes=10, input_size=8).double().eval()
+    x = torch.rand(2, 1, 12, 12, dtype=DT)
+    for method in ("ibp", "crown", "crown-ibp"):
+        with pytest.raises(ValueError, match=r"^x: got shape \(2, 1, 12, 12\).*expects inputs "
+                                             r"of shape \[B, 1, 8, 8\]"):
+            compute_bounds(model, x, 0.1, method=method, y=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^x: got shape \(3, 1, 12, 12\).*\[B, 1, 8, 8\]"):
+        compute_bounds(model.train(), torch.rand(3, 1, 12, 12, dtype=DT), 0.1)  # BN statistics
+    model.eval()
+    big = cnn7(in_channels=3, num_classes=10, input_size=32).double().eval()
+    with pytest.raises(ValueError, match=r"^x: got shape \(2, 3, 28, 28\).*\[B, 3, 32, 32\]"):
+        compute_bounds(big, torch.rand(2, 3, 28, 28, dtype=DT), 0.1)
+    # other errors raised inside a bound pass are left as they are
+    with pytest.raises(ValueError, match=r"^y:.*\[0, 10\)"):
+        compute_bounds(model, torch.rand(2, 1, 8, 8, dtype=DT), 0.1,
+                       y=torch.tensor([0, 12]))
+
+
 def test_method_errors():
     model, x, _ = make("mlp", False, False)
     for method in ("nonsense", "alpha_crown"):

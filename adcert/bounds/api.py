@@ -12,7 +12,7 @@ from adcert.ops._checks import value_checks
 from adcert.bounds.forward import resolve_bn_stats
 from adcert.bounds.ibp import effective_linear, ibp_forward, ibp_steps
 from adcert.bounds.inputs import (
-    Eps, check_x, check_x_for_plan, check_y, check_y_range, input_box,
+    Eps, check_x, check_x_for_plan, check_y, check_y_range, input_box, input_shape_error,
 )
 from adcert.bounds.plan import LayerPlan, get_plan
 from adcert.bounds.sound import sound_ibp
@@ -125,7 +125,7 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
                    x_U: Optional[Tensor] = None, bn_stats: Optional[Stats] = None,
                    C: Optional[Tensor] = None, sound: bool = False,
                    relu_bounds: Optional[List[Tuple[Tensor, Tensor]]] = None,
-                   **options: Any) -> Result:
+                   data_range: Tuple[float, float] = (0.0, 1.0), **options: Any) -> Result:
     """Bounds of ``model``'s outputs over an L-inf input box around ``x``.
 
     Args:
@@ -135,7 +135,9 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
             ``torch.fx`` can trace into those plus ``AvgPool2d``/``AdaptiveAvgPool2d``,
             ``F.relu``, batch-keeping ``view``/``reshape``/``flatten`` and residual adds
             (ResNet blocks); see :mod:`adcert.bounds.trace`. Built once per model, cached.
-        x: clean inputs ``[B, *in]`` in pixel space ``[0, 1]``, the model's dtype and device.
+        x: clean inputs ``[B, *in]`` in pixel space ``[0, 1]`` (normalisation belongs in the
+            model, :class:`~adcert.models.Normalize`), the model's dtype and device; with
+            ``eps``, values outside ``data_range`` raise ``ValueError`` (checked on CPU).
         eps: a float >= 0 or a per-sample tensor ``[B]``; the box is
             ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]``.
         method: ``"ibp"``, ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see
@@ -156,6 +158,8 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
             for ``"ibp"`` see :mod:`adcert.bounds.sound` (fp32/fp64 only, TF32 off for the
             call, result detached).
         relu_bounds: a list to which ``(lb, ub)`` of every ReLU input is appended, in order.
+        data_range: ``(lo, hi)``, the input domain the eps-box is clamped to (default the
+            pixel range ``(0, 1)``); not used with ``x_L, x_U``.
         **options: method-specific options (unknown ones raise ``TypeError``).
 
     Returns:
@@ -173,13 +177,20 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
     check_x(x)
     plan = get_plan(model)
     check_x_for_plan(plan, x)
-    mu, r = input_box(x, eps, x_L, x_U)
+    mu, r = input_box(x, eps, x_L, x_U, data_range)
     labels = check_y(y, x) if y is not None else None
     if labels is not None and C is not None:
         raise ValueError("C: give either y (margin specification) or C, not both")
     request = BoundRequest(y=labels, C=C, sound=bool(sound), relu_bounds=relu_bounds,
                            options=dict(options))
-    stats = resolve_bn_stats(plan, x, check_bn_stats(bn_stats), model.training)
-    # The input box is validated above; every later box comes out of our own ops.
-    with value_checks(False):
-        return run(plan, mu, r, stats, request)
+    try:
+        stats = resolve_bn_stats(plan, x, check_bn_stats(bn_stats), model.training)
+        # The input box is validated above; every later box comes out of our own ops.
+        with value_checks(False):
+            return run(plan, mu, r, stats, request)
+    except (ValueError, RuntimeError) as err:
+        # A shape error deep inside names an internal layer; if x's shape is the cause, say so.
+        msg = input_shape_error(model, x)
+        if msg is None:
+            raise
+        raise ValueError(msg) from err

@@ -6,6 +6,7 @@ tensors; on accelerators they would stall the hot path (DESIGN.md section 8).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -59,6 +60,54 @@ def check_x_for_plan(plan: LayerPlan, x: Tensor) -> None:
         raise ValueError(f"x: the model's first layer {type(first).__name__} expects "
                          f"{want_c} {'features' if dim == -1 else 'channels'}, "
                          f"got shape {tuple(x.shape)}")
+
+
+def _runs_on_shape(model: nn.Module, state, shape, dtype) -> bool:
+    """Does ``model``'s forward accept an input of ``shape``? Run on the meta device (shapes
+    only, nothing computed, the model's own tensors untouched)."""
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, state, (torch.empty(shape, dtype=dtype,
+                                                                  device="meta"),))
+    except Exception:
+        return False
+    return True
+
+
+def input_shape_error(model: nn.Module, x: Tensor, max_size: int = 512) -> Optional[str]:
+    """Why ``x`` does not fit ``model``, or ``None`` when its shape is not the problem.
+
+    Called after a bound pass failed (an internal layer's shape error): the model's forward is
+    run on the meta device with ``x``'s per-sample shape; if that fails too, the message names
+    ``x`` and, for image inputs ``[B, C, H, W]``, the square sizes the model accepts (searched
+    up to ``max(64, 2 * max(H, W))``, at most ``max_size``)."""
+    try:
+        state = {name: t.to("meta") for name, t in
+                 list(model.named_parameters()) + list(model.named_buffers())}
+        per_sample = tuple(x.shape[1:])
+        if _runs_on_shape(model, state, (2,) + per_sample, x.dtype):
+            return None
+        got = f"x: got shape {tuple(x.shape)}, which does not fit the model"
+        if x.dim() != 4:
+            return got
+        channels, top = x.shape[1], min(max_size, max(64, 2 * max(x.shape[2:])))
+        fit = []
+        for size in range(1, top + 1):
+            if _runs_on_shape(model, state, (2, channels, size, size), x.dtype):
+                fit.append(size)
+            elif fit:  # the sizes that fit form one run (layer sizes grow with the input)
+                break
+        if not fit:
+            return got
+        # strided layers floor, so neighbouring sizes fit too; name the one with the largest
+        # power-of-two factor (the data's size for every model here: 8, 28, 32, 64)
+        best = max(fit, key=lambda n: ((n & -n), n))
+        if len(fit) == 1:
+            return f"{got}: it expects inputs of shape [B, {channels}, {best}, {best}]"
+        return (f"{got}: it expects inputs of shape [B, {channels}, {best}, {best}] (square "
+                f"sizes from {fit[0]} to {fit[-1]} fit)")
+    except Exception:  # the diagnosis must never hide the original error
+        return None
 
 
 def _check_model_dtype(plan: LayerPlan, x: Tensor) -> None:
@@ -125,15 +174,47 @@ def check_box(x: Tensor, x_L, x_U) -> None:
         raise ValueError("x_L, x_U: expected x_L <= x_U everywhere")
 
 
+def check_data_range(data_range) -> Tuple[float, float]:
+    """``data_range``: a pair ``(lo, hi)`` of finite numbers with ``lo < hi``."""
+    ok = (isinstance(data_range, (tuple, list)) and len(data_range) == 2
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in data_range))
+    if ok:
+        lo, hi = float(data_range[0]), float(data_range[1])
+        if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
+            return lo, hi
+    raise ValueError(f"data_range: expected a pair (lo, hi) of finite numbers with lo < hi, "
+                     f"got {data_range!r}")
+
+
+def check_x_in_range(x: Tensor, lo: float, hi: float) -> None:
+    """``x`` must lie in ``[lo, hi]``: the eps-box is clamped to that range, so the box around
+    an ``x`` outside it would not contain ``x`` (a different point would be certified). Reads
+    the values: CPU only, like the other value checks."""
+    if not _on_cpu(x):
+        return
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if low < lo or high > hi:
+        raise ValueError(
+            f"x: expected pixels in [{lo:g}, {hi:g}], got values in [{low:.4g}, {high:.4g}]; "
+            f"the eps-box is clamped to [{lo:g}, {hi:g}] and would not contain x. Pass inputs "
+            f"in pixel space with the normalisation inside the model (adcert.models.Normalize), "
+            f"or give data_range=(lo, hi) for another input domain")
+
+
 def input_box(x: Tensor, eps: Optional[Eps] = None, x_L: Optional[Tensor] = None,
-              x_U: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+              x_U: Optional[Tensor] = None, data_range: Tuple[float, float] = (0.0, 1.0)
+              ) -> Tuple[Tensor, Tensor]:
     """The input box in centre-radius form ``(mu, r)``, both shaped like ``x: [B, *in]``.
 
-    With ``eps``: ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]`` (pixel space, DESIGN.md
-    section 3), ``eps`` a float or a per-sample tensor ``[B]``. With ``x_L, x_U``: that box,
-    unclipped. Exactly one of the two must be given.
+    With ``eps``: ``[clamp(x - eps, lo, hi), clamp(x + eps, lo, hi)]`` for ``data_range = (lo,
+    hi)``, by default ``[0, 1]`` (pixel space, DESIGN.md section 3), ``eps`` a float or a
+    per-sample tensor ``[B]``; ``x`` must lie in that range (``ValueError`` naming ``x``, checked
+    on CPU). With ``x_L, x_U``: that box, unclipped and not checked against ``x`` (the caller's
+    box: SABR's small box, for one, is centred on another point). Exactly one of the two must be
+    given.
     """
     check_x(x)
+    lo, hi = check_data_range(data_range)
     if eps is not None and (x_L is not None or x_U is not None):
         raise ValueError("eps: give either eps or the box (x_L, x_U), not both")
     if eps is None:
@@ -143,7 +224,8 @@ def input_box(x: Tensor, eps: Optional[Eps] = None, x_L: Optional[Tensor] = None
         lower, upper = x_L, x_U
     else:
         e = check_eps(eps, x)
-        lower, upper = torch.clamp(x - e, 0.0, 1.0), torch.clamp(x + e, 0.0, 1.0)
+        check_x_in_range(x, lo, hi)
+        lower, upper = torch.clamp(x - e, lo, hi), torch.clamp(x + e, lo, hi)
     return (upper + lower) / 2, (upper - lower) / 2
 
 
