@@ -35,6 +35,28 @@ def test_integer_tensor_and_non_tensor():
         ops.interval_linear(mu, r, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_is_refused_naming_the_argument(dtype):
+    """The CPU kernels implement float32 and float64: other float dtypes are refused by the
+    Python checks (naming the argument and the supported dtypes), not inside the kernel."""
+    msg = rf"^mu: expected a float32 or float64 tensor .*cpu.*got dtype {dtype}"
+    mu, r = _box(2, 3, 6, 6, dtype=dtype)
+    w = torch.zeros(4, 3, 3, 3, dtype=dtype)
+    fmu, fr, fw = mu.flatten(1), r.flatten(1), torch.zeros(4, 108, dtype=dtype)
+    stats = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    calls = [lambda: ops.interval_conv2d(mu, r, w),
+             lambda: ops.interval_conv2d_bn_relu(mu, r, w),
+             lambda: ops.interval_linear(fmu, fr, fw),
+             lambda: ops.interval_linear_bn_relu(fmu, fr, fw),
+             lambda: ops.interval_batch_norm(mu, r, *stats),
+             lambda: ops.interval_relu(mu, r)]
+    for call in calls:
+        with pytest.raises(TypeError, match=msg):
+            call()
+    with pytest.raises(TypeError, match=r"^weight: expected a float32 or float64 tensor"):
+        ops.interval_linear(fmu.float(), fr.float(), fw)  # a parameter is named the same way
+
+
 def test_negative_radius_and_nan():
     mu, r = _box(2, 3)
     with pytest.raises(ValueError, match="r: the radius must be >= 0"):

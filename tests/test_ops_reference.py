@@ -164,13 +164,47 @@ def test_fused_equals_unfused_chain():
         torch.testing.assert_close(a, c)
 
 
-def test_only_needed_gradients_are_computed():
-    """With the input not requiring grad (first layer), only weight gradients flow."""
-    mu, r = random_box((2, 3, 6, 6))
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    out = ops.interval_conv2d_bn_relu(mu, r, w, padding=1)
-    (out[0].sum() + out[1].sum()).backward()
-    assert w.grad is not None and mu.grad is None
+@pytest.mark.parametrize("kind", ["conv2d", "linear"])
+def test_only_needed_gradients_are_computed(monkeypatch, kind):
+    """The fused blocks ask their compiled backward only for the gradients autograd needs
+    (``output_mask = [input, weight, bias/BN parameters]``) and get ``None`` for the rest. The
+    mask reaching the kernel and what the kernel returns are recorded: on the first layer (the
+    input box needs no gradient) the input gradients are never computed."""
+    import importlib
+
+    mod = importlib.import_module(f"adcert.ops.interval_{kind}_bn_relu")
+    calls = []
+    real = mod._backward_op
+
+    def recording(*args):
+        grads = real(*args)
+        calls.append((list(args[-1]), grads))
+        return grads
+
+    monkeypatch.setattr(mod, "_backward_op", recording)
+    fn = getattr(ops, f"interval_{kind}_bn_relu")
+    shape, wshape, kw = (((2, 3, 6, 6), (4, 3, 3, 3), dict(padding=1)) if kind == "conv2d" else
+                         ((2, 5), (4, 5), {}))
+    mean, var, gamma, beta = random_bn(4)
+
+    def run(need_input, need_weight, need_params):
+        mu, r = random_box(shape)
+        mu.requires_grad_(need_input)
+        w = torch.randn(wshape, dtype=torch.float64, requires_grad=need_weight)
+        b = torch.randn(4, dtype=torch.float64, requires_grad=need_params)
+        calls.clear()
+        out = fn(mu, r, w, b, mean, var, gamma, beta, **kw)
+        (out[0].sum() + 2 * out[1].sum()).backward()
+        (mask, grads), = calls
+        return mask, [g is not None for g in grads[:4]], mu, w, b
+
+    mask, got, mu, w, b = run(False, True, False)      # first layer, frozen bias
+    assert mask == [False, True, False]
+    assert got == [False, False, True, False]           # grad mu, grad r, grad w, grad bias
+    assert mu.grad is None and w.grad is not None and b.grad is None
+    mask, got, mu, w, b = run(True, False, True)        # frozen weight
+    assert mask == [True, False, True] and got == [True, True, False, True]
+    assert mu.grad is not None and w.grad is None and b.grad is not None
 
 
 def test_backward_through_one_output_only():

@@ -29,6 +29,19 @@ def value_checks(enabled: bool) -> Iterator[None]:
         _STATE.enabled = previous
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes the kernels implement, per device type: the C++ CPU kernels dispatch on float32 and
+# float64 only; the Triton CUDA kernels take every float dtype. Other device types (meta) pass.
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": FLOAT_DTYPES}
+
+
+def supported_dtypes(device: torch.device) -> Tuple[torch.dtype, ...]:
+    """The float dtypes the ops run in on ``device``."""
+    return KERNEL_DTYPES.get(device.type, FLOAT_DTYPES)
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 def check_tensor(name: str, t, *, ndim: Optional[Union[int, Sequence[int]]] = None) -> None:
@@ -36,6 +49,10 @@ def check_tensor(name: str, t, *, ndim: Optional[Union[int, Sequence[int]]] = No
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    supported = supported_dtypes(t.device)
+    if t.dtype not in supported:  # caught here, not as an opaque error inside the kernel
+        raise TypeError(f"{name}: expected a {_dtype_names(supported)} tensor (the dtypes "
+                        f"of the ops' {t.device.type} kernels), got dtype {t.dtype}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
