@@ -158,7 +158,7 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, eps_max: float,
         eps_max: the largest radius of interest (> 0).
         method: any bound method :func:`adcert.bounds.compute_bounds` accepts (``"ibp"``, ...).
         xtol, rtol, maxiter: ``brentq`` semantics per sample; defaults ``xtol = 1e-4 *
-            eps_max``, ``rtol = 4 * finfo(x.dtype).eps``.
+            eps_max``, ``rtol = 4 * finfo(x.dtype).eps``; ``maxiter >= 1``.
         init: ``[B]`` previous radii (warm start; NaN: unknown, searched cold): the first
             passes bracket ``init -/+ (init_width * eps_max + 0.1 * init)`` instead of
             ``[0, eps_max]`` (two passes of ``B`` rows instead of one); samples whose root left
@@ -182,6 +182,9 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, eps_max: float,
     xtol = 1e-4 * eps_max if xtol is None else xtol
     rtol = 4 * torch.finfo(dtype).eps if rtol is None else rtol
     _check_options(xtol, rtol, maxiter, sync_every)
+    if maxiter < 1:  # no Brent step: every radius not decided by the brackets would be 0
+        raise ValueError(f"maxiter: expected an int >= 1 (with 0 no search step runs and every "
+                         f"sample not decided by the bracket ends gets radius 0), got {maxiter!r}")
     n = x.shape[0]
     empty = x.new_zeros((0,), dtype=dtype)
     if n == 0:

@@ -351,6 +351,8 @@ def test_new_hyperparameters_are_validated_by_name():
                            ("cc-dist", {"teacher": mlp(1), "beta": -1.0}, "beta")]:
         with pytest.raises(ValueError, match=word):
             get_method(name, **kw)
+    with pytest.raises(ValueError, match="maxiter"):  # certified_radius needs >= 1 iteration
+        get_method("acert", maxiter=0)
     with pytest.raises(TypeError, match="gradscale"):
         get_method("taps", gradscale=3)
     with pytest.raises(ValueError, match="teacher"):

@@ -275,6 +275,10 @@ def test_bad_inputs_raise_clear_errors():
         certified_radius(model, x, y, 0.1, xtol=0.0)
     with pytest.raises(ValueError, match="maxiter"):
         certified_radius(model, x, y, 0.1, maxiter=-1)
+    # maxiter=0 ran no search step and answered radius 0 for every sample with an interior root
+    with pytest.raises(ValueError, match=r"^maxiter: expected an int >= 1.*got 0"):
+        certified_radius(model, x, y, 0.1, maxiter=0)
+    assert certified_radius(model, x, y, 0.1, maxiter=1).radius.shape == (3,)
     with pytest.raises(ValueError, match="init"):
         certified_radius(model, x, y, 0.1, init=torch.zeros(2))
     with pytest.raises((KeyError, ValueError, NotImplementedError), match="nope"):

@@ -101,8 +101,9 @@ def _check_hparams(name, kappa, maxiter, xtol, rtol, reg_lambda, reg_tau):
             raise TypeError(f"{name}: {key} must be a finite number, got {v!r}")
     if not 0.0 <= kappa <= 1.0:
         raise ValueError(f"{name}: kappa must be in [0, 1], got {kappa}")
-    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
-        raise ValueError(f"{name}: maxiter must be an int >= 0, got {maxiter!r}")
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1:
+        raise ValueError(f"{name}: maxiter must be an int >= 1 (acert-fast is the search-free "
+                         f"variant), got {maxiter!r}")
     if xtol <= 0 or rtol < 0 or reg_lambda < 0 or reg_tau <= 0:
         raise ValueError(f"{name}: expected xtol > 0, rtol >= 0, reg_lambda >= 0, reg_tau > 0; "
                          f"got {xtol}, {rtol}, {reg_lambda}, {reg_tau}")
@@ -113,7 +114,8 @@ class ACERT(Method):
     """Hyper-parameters (paper defaults, Table 4 / section 4.2):
 
     kappa:          weight of the clean CE (eq. 11); 0 in the paper's main tables.
-    maxiter:        Brent iterations per step (2 in the paper; 0 = trained at the bracket ends).
+    maxiter:        Brent iterations per step (2 in the paper; >= 1: ``acert-fast`` is the
+                    search-free variant).
     xtol, rtol:     Brent tolerances (1e-6, 1e-4).
     certified_only: train at the verified lower radius instead of Brent's best point.
     reg_lambda, reg_tau: Shi et al.'s warm-up regulariser weight (0.5; 0.2 for TinyImageNet)
