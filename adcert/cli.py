@@ -61,7 +61,17 @@ _PASSTHROUGH = {"demo": _demo, "bench": _bench, "quickstart": _quickstart}
 
 
 def main(argv=None) -> int:
+    from adcert._deps import MissingDependency
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except MissingDependency as err:  # an optional package: one line, not a traceback
+        print(f"adcert {argv[0]}: {err}" if argv else f"adcert: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
     if argv and argv[0] in _PASSTHROUGH:
         return int(_PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     parser = argparse.ArgumentParser(prog="adcert", description=__doc__,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import torch
@@ -30,9 +31,9 @@ Tensor = torch.Tensor
 def load_digits_split(test_fraction: float = 0.2):
     """8x8 digits as ``[N, 1, 8, 8]`` floats in ``[0, 1]`` and int64 labels; a fixed split
     (independent of ``--seed``) into train and test."""
-    from sklearn.datasets import load_digits
+    from adcert._deps import require
 
-    data = load_digits()
+    data = require("sklearn.datasets", "scikit-learn", "the digits demo").load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
@@ -152,7 +153,8 @@ def train(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--eps", type=float, default=0.1, help="L-inf radius in pixel space [0, 1]")
+    p.add_argument("--eps", type=_number, default=0.1,
+                   help="L-inf radius in pixel space [0, 1] (a number or a fraction like 2/255)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -167,8 +169,21 @@ def main(argv=None) -> int:
         p.error("--epochs: expected >= 1")
     if args.eps < 0:
         p.error("--eps: expected >= 0")
-    train(args)
+    from adcert._deps import MissingDependency
+
+    try:
+        train(args)
+    except MissingDependency as err:
+        print(f"adcert demo: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _number(text: str) -> float:
+    """``--eps``: a number or a fraction like ``2/255`` (the config syntax)."""
+    from adcert.train.config import number_arg
+
+    return number_arg(text)
 
 
 if __name__ == "__main__":

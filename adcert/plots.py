@@ -16,13 +16,11 @@ Tensor = torch.Tensor
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("adcert.plots needs matplotlib: pip install matplotlib") from exc
+    from adcert._deps import require
+
+    matplotlib = require("matplotlib", "matplotlib", "adcert.plots")
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    return plt
+    return require("matplotlib.pyplot", "matplotlib", "adcert.plots")
 
 
 def _check_path(path) -> str:
@@ -146,6 +144,13 @@ def _plot_cli(args) -> int:
     return 0
 
 
+def _number(text: str) -> float:
+    """``--eps-max``: a number or a fraction like ``8/255`` (the config syntax)."""
+    from adcert.train.config import number_arg
+
+    return number_arg(text)
+
+
 def add_parser(subparsers) -> None:
     """``adcert plot``: ``--radii LABEL=radii.pt`` (a saved ``[N]`` tensor of certified radii,
     e.g. ``torch.save(certified_radius(...).radius, path)``) with ``--eps-max`` -> certified
@@ -153,7 +158,8 @@ def add_parser(subparsers) -> None:
     (``--out-tradeoff``)."""
     p = subparsers.add_parser("plot", help="certified accuracy over eps / trade-off PNGs")
     p.add_argument("--radii", action="append", metavar="LABEL=FILE.pt")
-    p.add_argument("--eps-max", type=float, default=None)
+    p.add_argument("--eps-max", type=_number, default=None,
+                   help="the largest radius (a number or a fraction like 8/255)")
     p.add_argument("--out", default="certified_accuracy.png")
     p.add_argument("--tradeoff", action="append", metavar="LABEL=ACC,ACR")
     p.add_argument("--out-tradeoff", default="tradeoff.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import pytest
@@ -19,8 +20,8 @@ from adcert.certify.bab import InputSplitBaB
 from adcert.certify.journal import Journal, journal_name
 from adcert.certify.stages import BoundStage
 
-# sound=False runs (sound IBP is not implemented yet) warn by design; the tests that check the
-# warnings use pytest.warns, which sees them regardless of this filter
+# sound=False runs warn by design; the tests that check the warnings use pytest.warns, which
+# sees them regardless of this filter
 pytestmark = pytest.mark.filterwarnings("ignore:certify. sound=False:RuntimeWarning")
 
 EPS = 0.06
@@ -97,11 +98,31 @@ def planted(net, n, eps, seed=1):
     return torch.stack(xs), torch.stack(ys), torch.stack(advs)
 
 
-def sound_ok(method):
-    """Is ``method`` usable in sound mode today? (sound IBP is being implemented elsewhere)"""
+def assert_sound_available(method):
+    """Every bound stage has a sound mode: one reporting itself unavailable (a broken import,
+    a NotImplementedError) is a failure, never a skip."""
     net, x = toy_net(), torch.full((1, 2), 0.5, dtype=torch.float64)
-    return BoundStage(method, sound=True).unavailable(net, x, torch.zeros(1, dtype=torch.long),
-                                                      EPS) is None
+    why = BoundStage(method, sound=True).unavailable(net, x, torch.zeros(1, dtype=torch.long),
+                                                     EPS)
+    assert why is None, f"sound {method!r} is unavailable: {why}"
+
+
+@pytest.mark.parametrize("method", BOUND_STAGES)
+def test_a_broken_sound_stage_fails_instead_of_skipping(monkeypatch, method):
+    """The sound tests used to skip when a sound stage reported itself unavailable, so a
+    broken import passed silently; now it fails them."""
+    assert_sound_available(method)
+    import adcert.bounds.api as api
+
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'sound_ibp' (simulated)")
+    monkeypatch.setitem(api.METHODS, method, broken)
+    with pytest.raises(AssertionError, match="unavailable.*sound_ibp"):
+        assert_sound_available(method)
+    net = toy_net()
+    x, y, _ = planted(net, 2, EPS)
+    with pytest.raises(ImportError):
+        BoundStage(method, sound=True).run(net, x, y, EPS)
 
 
 # ---------------------------------------------------------------------------------- soundness
@@ -109,8 +130,8 @@ def sound_ok(method):
 @pytest.mark.parametrize("sound", [True, False])
 @pytest.mark.parametrize("method", BOUND_STAGES)
 def test_planted_non_robust_points_are_never_certified(method, sound):
-    if sound and not sound_ok(method):
-        pytest.skip(f"sound mode of {method!r} not implemented yet")
+    if sound:
+        assert_sound_available(method)
     net = toy_net()
     x, y, adv = planted(net, 12, EPS)
     broken, _, _ = verify_counterexamples(net, x, adv, y, EPS)
@@ -148,6 +169,24 @@ def test_autoattack_keeps_a_batch_norm_model_in_eval_mode():
     assert not model.training and cand.shape == x.shape
     assert all(torch.equal(a, b) for a, b in zip(stats, model.state_dict().values()))
     verify_counterexamples(model, x[:1], cand[:1], y[:1], 0.05)  # batch 1 works in eval mode
+
+
+def test_autoattack_without_torchattacks_says_how_to_install_it(monkeypatch, tmp_path):
+    from adcert._deps import MissingDependency
+    from adcert.certify.stages import AutoAttackStage
+
+    for name in [m for m in sys.modules if m == "torchattacks" or m.startswith("torchattacks.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None makes the import fail
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    net = toy_net()
+    x, y, _ = planted(net, 2, EPS)
+    with pytest.raises(MissingDependency, match=r"^AutoAttack needs torchattacks, which is not "
+                                                r"installed: pip install --no-deps torchattacks$"):
+        autoattack(net, x, y, EPS, 4)
+    why = AutoAttackStage(4).unavailable(net, x, y, EPS)   # the certifier: one line, exit 3
+    assert "torchattacks" in why and "pip install --no-deps torchattacks" in why
+    with pytest.raises(StageUnavailable, match="autoattack.*pip install --no-deps torchattacks"):
+        certify(net, x, y, EPS, stages=("autoattack",), out_dir=tmp_path)
 
 
 def test_verify_counterexamples_rejects_fakes():
@@ -194,8 +233,7 @@ def test_verdicts_agree_with_exhaustive_2d_checks(tmp_path):
 
 @pytest.mark.parametrize("method", ["ibp", "crown"])
 def test_sound_pipeline_end_to_end(tmp_path, method):
-    if not sound_ok(method):
-        pytest.skip(f"sound mode of {method!r} not implemented yet")
+    assert_sound_available(method)
     net = toy_net()
     xp, yp, _ = planted(net, 4, EPS)
     xr = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
@@ -529,6 +567,43 @@ def test_load_model_formats(tmp_path):
         load_model(tmp_path / "cut.pt")
 
 
+def test_corrupt_files_are_called_corrupt_and_only_pickled_modules_suggest_trust_pickle(
+        tmp_path):
+    """A truncated or random-bytes file used to get the advice to pass --trust-pickle (which
+    would run code from it); now it is reported as corrupt, naming the file, and trust_pickle
+    is suggested only for a valid torch file holding a pickled nn.Module."""
+    import argparse
+    import random
+
+    model = _digits_model()
+    torch.save(model, tmp_path / "module.pt")
+    torch.save(model, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "namespace.pt")
+    raw = (tmp_path / "module.pt").read_bytes()
+    legacy = (tmp_path / "legacy.pt").read_bytes()
+    files = {"cut.pt": raw[: len(raw) // 2], "tail.pt": raw[:-40],
+             "legacy_cut.pt": legacy[:150], "junk.pt": b"not a checkpoint",
+             "random.pt": random.Random(0).randbytes(4096), "empty.pt": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        for trust in (False, True):  # trust_pickle never unpickles a damaged file
+            with pytest.raises(ModelFileError) as info:
+                load_model(tmp_path / name, trust_pickle=trust)
+            msg = str(info.value)
+            assert f"{tmp_path / name}: corrupt or not a checkpoint" in msg, msg
+            assert "trust_pickle" not in msg and "--trust-pickle" not in msg, msg
+    for name in ("module.pt", "legacy.pt"):
+        with pytest.raises(ModelFileError, match=rf"{name}: holds a pickled nn.Module "
+                                                 rf"\(.*Sequential\).*--trust-pickle"):
+            load_model(tmp_path / name)
+        x = torch.rand(2, 1, 8, 8)
+        torch.testing.assert_close(load_model(tmp_path / name, trust_pickle=True)(x), model(x))
+    with pytest.raises(ModelFileError, match=r"namespace\.pt: not a model.*argparse\.Namespace"
+                       ) as info:
+        load_model(tmp_path / "namespace.pt")
+    assert "trust" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------------- the CLI
 
 def test_cli_certifies_shards_and_reports(tmp_path, capsys):
@@ -552,3 +627,60 @@ def test_cli_certifies_shards_and_reports(tmp_path, capsys):
     assert "--checkpoint, --dataset required" in capsys.readouterr().err
     assert main(args[:-6] + ["--stages", "nope", "--out", str(tmp_path / "o2")]) == 2
     assert "stages: unknown" in capsys.readouterr().err
+
+
+def _digits_checkpoint(path):
+    from adcert.train.checkpoint import FORMAT, VERSION, atomic_save
+
+    atomic_save({"format": FORMAT, "version": VERSION, "kind": "final", "epoch": 1, "config": {},
+                 "model_spec": {"name": "cnn3", "dataset": "digits"},
+                 "model": _digits_model().state_dict()}, path)
+    return path
+
+
+def test_cli_rejects_an_unknown_dataset_in_one_line(tmp_path, capsys):
+    from adcert.certify.cli import main
+
+    ckpt = _digits_checkpoint(tmp_path / "final.pt")
+    rc = main(["--checkpoint", str(ckpt), "--eps", "0.01", "--dataset", "foo",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "adcert certify: --dataset: unknown dataset 'foo'; known: digits, mnist, "
+        "fashion-mnist, cifar10, tinyimagenet"]
+
+
+def test_cli_eps_accepts_the_config_fraction_syntax(tmp_path, capsys):
+    """``--eps 1/255`` is parsed like ``train.eps=1/255`` (one shared parser)."""
+    from adcert.certify.cli import main
+    from adcert.train.config import load_config
+
+    ckpt = _digits_checkpoint(tmp_path / "final.pt")
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(ckpt), "--eps", "1/255", "--dataset", "digits", "--n", "2",
+                 "--stages", "ibp", "--out", str(out)]) == 0
+    meta = read_journal(out / journal_name(0, 1)).meta
+    assert meta["eps"] == 1 / 255 == load_config(None, ["train.eps=1/255"]).train.eps
+    capsys.readouterr()
+    for bad in ("1/0", "one", "1/255/2"):
+        with pytest.raises(SystemExit) as info:
+            main(["--checkpoint", str(ckpt), "--eps", bad, "--dataset", "digits"])
+        assert info.value.code == 2
+        assert f"argument --eps: expected a number or a fraction like 2/255, got '{bad}'" in \
+            capsys.readouterr().err
+
+
+def test_cli_missing_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch):
+    from adcert.certify.cli import main
+
+    ckpt = _digits_checkpoint(tmp_path / "final.pt")
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes ``import sklearn...`` fail
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    rc = main(["--checkpoint", str(ckpt), "--eps", "0.01", "--dataset", "digits",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "adcert certify: dataset 'digits' needs scikit-learn, which is not installed: "
+        "pip install scikit-learn"]

@@ -103,6 +103,38 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "method.teacher:" in capsys.readouterr().err
 
 
+def test_one_fraction_parser_for_configs_and_command_lines():
+    import argparse
+
+    from adcert.train.config import number_arg, parse_number
+
+    assert parse_number("2/255") == 2 / 255 == load_config(None, ["train.eps=2/255"]).train.eps
+    assert parse_number(" 1e-1 ") == 0.1 and number_arg("8/255") == 8 / 255
+    for bad in ("1/0", "a/b", "", "2/255/1"):
+        with pytest.raises(ValueError, match="expected a number or a fraction like 2/255"):
+            parse_number(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match="fraction like 2/255"):
+            number_arg(bad)
+
+
+def test_cli_missing_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch):
+    """A missing optional package used to end ``adcert train`` in an ImportError traceback."""
+    import sys
+
+    from adcert.cli import main
+
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None makes the import fail
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"dataset": "digits"}, "train": {"epochs": 1},
+                                    "output_dir": str(tmp_path / "run")}))
+    assert main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "adcert train: dataset 'digits' needs scikit-learn, which is not installed: "
+        "pip install scikit-learn"]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_parse(path, monkeypatch):
     """Every config in configs/ is valid against the schema (the teacher file, produced by

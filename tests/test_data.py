@@ -95,6 +95,20 @@ def test_digits_loads_anywhere_with_fixed_split():
     assert torch.equal(dx, x) and torch.equal(dy, y) and torch.equal(dxt, xt)
 
 
+def test_digits_without_scikit_learn_names_the_package(monkeypatch):
+    import sys
+
+    from adcert._deps import MissingDependency
+
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None makes the import fail
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(MissingDependency, match=r"^dataset 'digits' needs scikit-learn, which is "
+                                                r"not installed: pip install scikit-learn$"):
+        data.load_dataset("digits", "test")
+    assert issubclass(MissingDependency, ImportError)
+
+
 def test_dataset_info_and_errors():
     assert set(data.DATASETS) == {"mnist", "fashion-mnist", "cifar10", "tinyimagenet", "digits"}
     for name, info in data.DATASETS.items():

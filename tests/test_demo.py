@@ -16,3 +16,20 @@ def test_ibp_demo_certifies_well_above_chance():
     metrics = demo.train(args)
     assert metrics["certified"] > 0.35
     assert metrics["clean"] >= metrics["pgd"] >= metrics["certified"]
+
+
+def test_demo_without_scikit_learn_is_one_line(monkeypatch, capsys):
+    import sys
+
+    import torch
+
+    from adcert import demo
+
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None makes the import fail
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert demo.main(["--epochs", "1", "--eps", "1/10",
+                      "--threads", str(torch.get_num_threads())]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "adcert demo: the digits demo needs scikit-learn, which is not installed: "
+        "pip install scikit-learn"]

@@ -85,6 +85,43 @@ def test_plot_cli(tmp_path):
         args.fn(args)
 
 
+def _hide(monkeypatch, package):
+    """Make ``import package`` (and its submodules) fail, as if it were not installed."""
+    import sys
+
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, package, None)
+
+
+def test_plots_without_matplotlib_say_how_to_install_it(tmp_path, monkeypatch, capsys):
+    from adcert._deps import MissingDependency
+    from adcert.cli import main
+    from adcert.plots import plot_tradeoff
+
+    _hide(monkeypatch, "matplotlib")
+    want = "adcert.plots needs matplotlib, which is not installed: pip install matplotlib"
+    with pytest.raises(MissingDependency, match=want):  # an ImportError subclass
+        plot_tradeoff({"a": (0.5, 0.3)}, tmp_path / "t.png")
+    assert main(["plot", "--tradeoff", "a=0.5,0.3", "--out-tradeoff",
+                 str(tmp_path / "t.png")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"adcert plot: {want}"]
+
+
+def test_plot_cli_eps_max_takes_fractions(tmp_path, monkeypatch):
+    import argparse
+
+    from adcert import plots
+    seen = {}
+    monkeypatch.setattr(plots, "plot_certified_accuracy",
+                        lambda runs, eps_max, out: seen.setdefault("eps_max", eps_max))
+    parser = argparse.ArgumentParser()
+    plots.add_parser(parser.add_subparsers(dest="command"))
+    torch.save(torch.rand(5, dtype=torch.float64) * 0.01, tmp_path / "r.pt")
+    args = parser.parse_args(["plot", "--radii", f"a={tmp_path / 'r.pt'}", "--eps-max", "8/255"])
+    assert args.fn(args) == 0 and seen["eps_max"] == 8 / 255
+
+
 # ----------------------------------------------------------------------------- ACERT
 
 def _tiny_net():

@@ -33,9 +33,11 @@ def _torchattacks():
         from torchattacks.attacks.apgdt import APGDT
         from torchattacks.attacks.fab import FAB
         from torchattacks.attacks.square import Square
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("AutoAttack needs torchattacks: pip install --no-deps torchattacks "
-                          f"({err})") from None
+    except ImportError as err:
+        from adcert._deps import MissingDependency, missing_message
+
+        raise MissingDependency(missing_message("torchattacks", "AutoAttack",
+                                                "--no-deps torchattacks")) from err
     return APGD, APGDT, FAB, Square
 
 

@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="adcert checkpoint, TorchScript file or saved module")
-    p.add_argument("--eps", type=float, help="L-inf radius in pixel space, e.g. 0.00784")
+    p.add_argument("--eps", type=_number, help="L-inf radius in pixel space, e.g. 0.00784 or "
+                   "2/255 (the config syntax)")
     p.add_argument("--dataset", help="dataset name (adcert.data), its test split is certified")
     p.add_argument("--data-dir", default=None, help="data directory (default $ADCERT_DATA)")
     p.add_argument("--n", type=int, default=None, help="certify the first N test samples")
@@ -68,9 +69,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "merged into the generated config (e.g. 'attack: {pgd_order: after}')")
 
 
+def _number(text: str) -> float:
+    """``--eps``: a number or a fraction like ``2/255``, parsed as in the training config."""
+    from adcert.train.config import number_arg
+
+    return number_arg(text)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from adcert._deps import MissingDependency
     from adcert.certify.model_io import ModelFileError, load_model
     from adcert.certify.pipeline import (
         JournalMismatch, StageUnavailable, certify, parse_shard, shard_from_env,
@@ -81,6 +90,13 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"adcert certify: {', '.join(missing)} required (or use 'adcert certify report')",
               file=sys.stderr)
+        return 2
+    from adcert.data import dataset_info
+
+    try:  # before any work: a typo in the name should not wait for the model to load
+        dataset_info(args.dataset)
+    except KeyError as err:  # "dataset: unknown dataset 'foo'; known: ..."
+        print(f"adcert certify: --{err.args[0]}", file=sys.stderr)
         return 2
     try:
         shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))
@@ -114,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"adcert certify: {err}", file=sys.stderr)
         return 3
-    except (ModelFileError, JournalMismatch, ValueError, FileNotFoundError) as err:
+    except (ModelFileError, JournalMismatch, ValueError, FileNotFoundError,
+            MissingDependency) as err:
         print(f"adcert certify: {err}", file=sys.stderr)
         return 2
     print(f"shard {shard[0]}/{shard[1]}: {len(res.computed)} samples processed now, "

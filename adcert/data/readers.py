@@ -76,12 +76,9 @@ def read_cifar_batches(paths: Sequence[pathlib.Path]) -> Tuple[Tensor, Tensor]:
 def read_digits(split: str, test_fraction: float = 0.2) -> Tuple[Tensor, Tensor]:
     """scikit-learn's 8x8 digits as floats in [0, 1] ``[N, 1, 8, 8]`` and int64 labels, with a
     fixed train/test split (seed 1234, 20 % test)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError("dataset 'digits' needs scikit-learn: "
-                          "pip install -c constraints.txt scikit-learn") from err
-    data = load_digits()
+    from adcert._deps import require
+
+    data = require("sklearn.datasets", "scikit-learn", "dataset 'digits'").load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
@@ -91,11 +88,9 @@ def read_digits(split: str, test_fraction: float = 0.2) -> Tuple[Tensor, Tensor]
 
 
 def _open_rgb(path: pathlib.Path) -> np.ndarray:
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError("dataset 'tinyimagenet' decodes JPEG files and needs Pillow: "
-                          "pip install -c constraints.txt Pillow") from err
+    from adcert._deps import require
+
+    Image = require("PIL.Image", "Pillow", "dataset 'tinyimagenet' (JPEG decoding)")
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)

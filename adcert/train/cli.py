@@ -53,6 +53,7 @@ def _init_distributed() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from adcert._deps import MissingDependency
     from adcert.train.checkpoint import CheckpointError
     from adcert.train.config import ConfigError, load_config
     from adcert.train.trainer import Trainer
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         _init_distributed()
         trainer = Trainer(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, MissingDependency) as err:
         print(f"adcert train: {err}", file=sys.stderr)
         return 2
     if trainer.epoch:

@@ -186,6 +186,28 @@ _CHOICES = {"train.coef_ramp": ("eps", "linear", "none"), "train.bn_mode": ("bat
             "model.init": ("ibp", "kaiming", "default")}
 
 
+def parse_number(text: str) -> float:
+    """A float from ``text``: a number (``"0.1"``, ``"1e-3"``) or a fraction ``"a/b"`` such as
+    ``"2/255"`` (how the papers write radii). The one parser of that syntax for config values and
+    the command lines' radius options; ``ValueError`` for anything else (a zero denominator
+    included)."""
+    m = _FRACTION.match(text)
+    try:
+        return float(m.group(1)) / float(m.group(2)) if m else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"expected a number or a fraction like 2/255, got {text!r}") from None
+
+
+def number_arg(text: str) -> float:
+    """:func:`parse_number` as an ``argparse`` ``type=`` (its message becomes the usage error)."""
+    import argparse
+
+    try:
+        return parse_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -218,12 +240,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):
-            m = _FRACTION.match(value)
             try:
-                return float(m.group(1)) / float(m.group(2)) if m else float(value)
-            except (ValueError, ZeroDivisionError):
-                pass
-            raise ConfigError(f"{key}: expected a number (or a fraction like 2/255), got {value!r}")
+                return parse_number(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number (or a fraction like 2/255), "
+                                  f"got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -381,4 +402,4 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "TrainConfig",
            "SWAConfig", "EvalConfig", "LogConfig", "load_config", "from_dict", "validate",
-           "apply_overrides", "parse_override"]
+           "apply_overrides", "parse_override", "parse_number", "number_arg"]
