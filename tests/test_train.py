@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 import pytest
 import torch
@@ -219,6 +220,160 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         ckpt_mod.atomic_save({"format": ckpt_mod.FORMAT, "v": 2}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temp file left
+
+
+# -- the run directory: one run per directory, clean metrics logs ------------------------------
+def _epochs(path):
+    recs = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in recs], recs
+
+
+def _resume_cfg(path, **over):
+    cfg = _cfg(path, **over)
+    cfg.resume = True
+    return cfg
+
+
+def test_kill_during_the_first_checkpoint_write_then_resume_logs_each_epoch_once(tmp_path,
+                                                                              monkeypatch):
+    """SIGKILL while epoch 1's last.pt is written: the epoch's record is in the log, there is no
+    checkpoint, the temporary file stays behind. The resume starts over with a clean log (it
+    used to give epochs [1, 1, 2, 3, 3]) and removes the orphan."""
+    from adcert.train import trainer as trainer_mod
+
+    def killed_save(obj, path):  # atomic_save up to the kill: the temporary file, no rename
+        path = pathlib.Path(path)
+        fd, _ = ckpt_mod.tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                          dir=path.parent)
+        os.write(fd, b"partial checkpoint")
+        os.close(fd)
+        raise _Kill()
+
+    monkeypatch.setattr(trainer_mod, "atomic_save", killed_save)
+    with pytest.raises(_Kill):
+        Trainer(_cfg(tmp_path)).fit()
+    monkeypatch.undo()
+    assert not (tmp_path / "last.pt").exists() and _epochs(tmp_path)[0] == [1]
+    assert len(list(tmp_path.glob(".last.pt.*.tmp"))) == 1
+    resumed = Trainer(_resume_cfg(tmp_path))
+    assert resumed.epoch == 0
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "metrics.jsonl").exists()
+    resumed.fit()
+    epochs, recs = _epochs(tmp_path)
+    assert epochs == [1, 2, 3, 3] and recs[-1]["final"] is True
+    # the same run uninterrupted logs the same epochs
+    Trainer(_cfg(tmp_path / "full")).fit()
+    assert _epochs(tmp_path / "full")[0] == epochs
+
+
+def test_fresh_start_in_a_used_directory_is_refused_and_overwrite_replaces_it(tmp_path):
+    from adcert.train import ConfigError
+    from adcert.train.config import validate
+
+    Trainer(_cfg(tmp_path, train__epochs=1)).fit()
+    log = (tmp_path / "metrics.jsonl").read_bytes()
+    last = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"^output_dir: .* already holds a run \(metrics\.jsonl, "
+                                          r"last\.pt, final\.pt\); continue it with --resume.*"
+                                          r"--overwrite"):
+        Trainer(_cfg(tmp_path, train__epochs=1))
+    assert (tmp_path / "metrics.jsonl").read_bytes() == log                # nothing touched
+    assert (tmp_path / "last.pt").read_bytes() == last
+    (tmp_path / "last.pt").unlink()                                        # the log alone is a run
+    (tmp_path / "final.pt").unlink()
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics\.jsonl\)"):
+        Trainer(_cfg(tmp_path, train__epochs=2))
+    (tmp_path / "notes.txt").write_text("not the run's")
+    cfg = _cfg(tmp_path, train__epochs=2)
+    cfg.overwrite = True
+    trainer = Trainer(cfg)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    trainer.fit()
+    assert _epochs(tmp_path)[0] == [1, 2, 2]
+    assert (tmp_path / "notes.txt").read_text() == "not the run's"
+    cfg.resume = True                                                      # both: refused
+    with pytest.raises(ConfigError, match=r"^overwrite: expected false with resume: true"):
+        validate(cfg)
+
+
+def test_train_cli_refuses_a_used_directory_and_overwrites_on_request(tmp_path, capsys):
+    import yaml
+
+    from adcert.cli import main
+
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_cfg(out, train__epochs=1, eval__final_subset=16,
+                                          swa__enabled=False).to_dict()))
+    assert main(["train", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"adcert train: output_dir: {out} already holds a run" in err and "--overwrite" in err
+    assert main(["train", "--config", str(config), "--overwrite"]) == 0
+    assert _epochs(out)[0] == [1, 1]
+    with pytest.raises(SystemExit):  # argparse: not allowed with each other
+        main(["train", "--config", str(config), "--overwrite", "--resume"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_truncated_last_metrics_line_is_dropped_with_a_warning(tmp_path):
+    part = Trainer(_cfg(tmp_path), [_KillAt(8 + 3)])                    # in epoch 2
+    assert part.steps_per_epoch == 8
+    with pytest.raises(_Kill):
+        part.fit()
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "a") as f:  # killed while writing epoch 2's record
+        f.write('{"epoch": 2, "step": 16, "eps": 0.0')
+    with pytest.warns(RuntimeWarning, match=re.escape(f"metrics log {path}:2: truncated last "
+                                                      f"line removed")):
+        resumed = Trainer(_resume_cfg(tmp_path))
+    assert _epochs(tmp_path)[0] == [1]
+    resumed.fit()
+    assert _epochs(tmp_path)[0] == [1, 2, 3, 3]
+
+
+def test_corrupt_metrics_line_before_the_last_is_an_error(tmp_path):
+    from adcert.cli import main
+    from adcert.train import MetricsLogError, read_metrics
+
+    Trainer(_cfg(tmp_path, train__epochs=1)).fit()
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("".join(x + "\n" for x in [lines[0][:20]] + lines[1:]))
+    with pytest.raises(MetricsLogError, match=re.escape(f"metrics log {path}:1: corrupt line")):
+        Trainer(_resume_cfg(tmp_path, train__epochs=1))
+    path.write_text("".join(x + "\n" for x in [lines[0], "[1, 2]"]))
+    with pytest.raises(MetricsLogError, match=re.escape(f"{path}:2: not a metrics record")):
+        read_metrics(path)
+    assert path.read_text().count("\n") == 2                               # left as it was
+
+
+def test_orphaned_temporary_checkpoints_are_removed_at_start(tmp_path):
+    orphans = [tmp_path / ".last.pt.k3j_x9.tmp", tmp_path / ".final.pt.a81bq2.tmp",
+               tmp_path / ".metrics.jsonl.tmp"]
+    for p in orphans:
+        p.write_bytes(b"a killed write")
+    other = tmp_path / ".other.pt.abc.tmp"
+    other.write_bytes(b"not ours")
+    Trainer(_cfg(tmp_path, train__epochs=1))                             # orphans alone: no run
+    assert not any(p.exists() for p in orphans) and other.exists()
+
+
+def test_a_copied_run_directory_resumes(tmp_path):
+    import shutil
+
+    part = Trainer(_cfg(tmp_path / "a"), [_KillAt(8 + 3)])
+    with pytest.raises(_Kill):
+        part.fit()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    resumed = Trainer(_resume_cfg(tmp_path / "b"))                     # output_dir differs
+    assert resumed.epoch == 1
+    resumed.fit()
+    assert _epochs(tmp_path / "b")[0] == [1, 2, 3, 3]
+    assert _epochs(tmp_path / "a")[0] == [1]                            # the original untouched
+    with pytest.raises(ValueError, match=r"^train\.lr: differs"):        # the rest still counts
+        Trainer(_resume_cfg(tmp_path / "a", train__lr=2e-3))
 
 
 # -- a real run ---------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
     cfg = load_config("configs/mnist_0.1_ibp.yaml", ["train.epochs=5", "method.hparams.w_rob=0.9"])
 
 Sections (every field is documented on its dataclass): ``data``, ``model``, ``method``, ``train``,
-``swa``, ``eval``, ``log``, plus the top-level ``seed``, ``output_dir`` and ``resume``. Unknown keys,
-wrong types and bad values raise :class:`ConfigError` naming the dotted key. Float fields also accept
-a fraction string such as ``2/255`` (radii are written that way in the papers). The free-form
-``model.kwargs`` and ``method.hparams`` are checked by :func:`adcert.models.build_model` and
-:func:`adcert.methods.get_method`, which name unknown keys themselves.
+``swa``, ``eval``, ``log``, plus the top-level ``seed``, ``output_dir``, ``resume``, ``overwrite``
+and ``device``. Unknown keys, wrong types and bad values raise :class:`ConfigError` naming the
+dotted key. Float fields also accept a fraction string such as ``2/255`` (radii are written that
+way in the papers). The free-form ``model.kwargs`` and ``method.hparams`` are checked by
+:func:`adcert.models.build_model` and :func:`adcert.methods.get_method`, which name unknown keys
+themselves.
 """
 from __future__ import annotations
 
@@ -156,11 +157,16 @@ class LogConfig:
 @dataclass
 class Config:
     """seed: every random choice derives from it. output_dir: checkpoints and the metrics log.
-    resume: continue from ``output_dir/<checkpoint_file>`` if it exists. device: ``auto`` (CUDA
+    resume: continue from ``output_dir/<checkpoint_file>`` if it exists (the metrics log is cut
+    back to the checkpoint's epoch; without a checkpoint the run starts over with a clean log).
+    overwrite: replace a run already in ``output_dir`` (its metrics log, checkpoint and final
+    model are removed); without ``resume`` or ``overwrite`` a start in a directory that holds
+    a run is refused. device: ``auto`` (CUDA
     when available -- under torchrun the local rank's GPU -- else CPU), ``cpu``, ``cuda``..."""
     seed: int = 0
     output_dir: str = "runs/default"
     resume: bool = False
+    overwrite: bool = False
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -337,6 +343,8 @@ def validate(cfg: Config) -> Config:
     need(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
     need(cfg.swa.start_epoch >= 0, "swa.start_epoch", ">= 0", cfg.swa.start_epoch)
     need(bool(cfg.output_dir), "output_dir", "a directory name", cfg.output_dir)
+    need(not (cfg.resume and cfg.overwrite), "overwrite", "false with resume: true (resume "
+         "continues the run in output_dir, overwrite replaces it)", cfg.overwrite)
     if cfg.method.teacher is not None:
         need(os.path.isfile(cfg.method.teacher), "method.teacher",
              "an existing checkpoint file (train the teacher first)", cfg.method.teacher)

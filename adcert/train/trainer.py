@@ -17,6 +17,13 @@ subset, a JSON-lines record and an atomic checkpoint. The final model is the SWA
 was taken, else the trained weights. Resuming from the checkpoint reproduces the uninterrupted run
 exactly (CPU): the batches are a function of ``(seed, epoch, index)`` and every RNG state is saved.
 
+The run directory (``output_dir``) holds one run: a start in a directory that already holds one
+(a metrics log, ``last.pt`` or ``final.pt``) is refused unless it resumes (``resume``: the metrics
+log is cut back to the checkpoint's epoch -- records written after it before a kill go; without
+a checkpoint the run starts over with a clean log) or replaces it (``overwrite``). Temporary files
+of checkpoint writes killed midway are removed at every start. ``output_dir`` is not compared on
+resume, so a run directory copied elsewhere resumes there.
+
 Multi-process: launch with ``torchrun`` (``adcert train`` initialises the process group from the
 environment) or initialise ``torch.distributed`` yourself before building the Trainer. Gradients
 are all-reduced by hand rather than through ``DistributedDataParallel``, because methods run
@@ -33,7 +40,8 @@ import os
 import pathlib
 import random
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -60,7 +68,50 @@ Callback = Callable[..., None]
 RECORD_FIELDS = ("epoch", "step", "eps", "coef", "lr", "train_loss", "train_acc",
                  "train_cert_acc", "clean_acc", "pgd_acc", "cert_acc", "unstable_relu",
                  "eval_eps", "epoch_time", "elapsed")
-_IGNORED_ON_RESUME = ("resume", "log.progress")
+# not part of what a resumed run must share with the stored config: how this start was asked for,
+# the progress bar, and where the run directory is (a run copied elsewhere resumes)
+_IGNORED_ON_RESUME = ("resume", "overwrite", "output_dir", "log.progress")
+
+
+class MetricsLogError(ValueError):
+    """The metrics log of a run is corrupt (the message names the file and line)."""
+
+
+def read_metrics(path: Union[str, os.PathLike], repair: bool = False) -> List[Dict[str, Any]]:
+    """The records of the metrics log at ``path`` (none if it does not exist). A last line
+    without its newline (the run was killed while writing it) is left out with a warning naming
+    the file and line -- and with ``repair`` cut from the file. Any other bad line raises
+    :class:`MetricsLogError` naming the file and the 1-based line number."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail:
+        action = "removed" if repair else "ignored"
+        warnings.warn(f"metrics log {path}:{len(lines) + 1}: truncated last line {action} "
+                      f"(the run was killed while writing it)", RuntimeWarning, stacklevel=2)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+                f.flush()
+                os.fsync(f.fileno())
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MetricsLogError(f"metrics log {where}: corrupt line ({err}): "
+                                  f"{raw[:80]!r}") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+            raise MetricsLogError(f"metrics log {where}: not a metrics record (a JSON object "
+                                  f"with an integer epoch): {raw[:80]!r}")
+        records.append(rec)
+    return records
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -119,6 +170,8 @@ class Trainer:
         self.ckpt_path = self.out_dir / cfg.log.checkpoint_file
         self.final_path = self.out_dir / cfg.log.final_file
         self.metrics_path = self.out_dir / cfg.log.metrics_file
+        self._metrics_tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+        self._check_output_dir()
         self._check_batch_split()
         self._seed(cfg.seed)
         self._build_data()
@@ -141,6 +194,7 @@ class Trainer:
         self.start_time = time.perf_counter()
         if cfg.resume and self.ckpt_path.is_file():
             self._resume()
+        self._prepare_output_dir()
 
     # -- setup ---------------------------------------------------------------------------------
     @staticmethod
@@ -238,6 +292,68 @@ class Trainer:
                               f"grad_accum 1 (got {self.cfg.train.grad_accum})")
         bind(self.opt)
 
+    # -- the run directory ---------------------------------------------------------------------
+    def _run_files(self) -> List[pathlib.Path]:
+        """The files of a run in ``output_dir`` that exist: metrics log, ``last.pt``,
+        ``final.pt``."""
+        return [p for p in (self.metrics_path, self.ckpt_path, self.final_path) if p.exists()]
+
+    def _orphan_files(self) -> List[pathlib.Path]:
+        """Temporary files that a kill mid-write left behind: :func:`atomic_save`'s
+        ``.last.pt.<random>.tmp`` and ``.final.pt.<random>.tmp``, and the rewritten metrics log
+        of :meth:`_truncate_metrics`."""
+        found = [p for path in (self.ckpt_path, self.final_path) if path.parent.is_dir()
+                 for p in path.parent.glob(f".{path.name}.*.tmp")]
+        found.append(self._metrics_tmp)
+        return sorted(p for p in found if p.is_file())
+
+    def _check_output_dir(self) -> None:
+        """A fresh start (neither ``resume`` nor ``overwrite``) in a directory that already holds
+        a run would mix two runs in one metrics log: refuse it (nothing is touched)."""
+        cfg = self.cfg
+        if cfg.resume or cfg.overwrite:
+            return
+        found = self._run_files()
+        if found:
+            raise ConfigError(f"output_dir: {self.out_dir} already holds a run "
+                              f"({', '.join(p.name for p in found)}); continue it with --resume "
+                              f"(resume: true), replace it with --overwrite (overwrite: true), "
+                              f"or choose another output_dir")
+
+    def _prepare_output_dir(self) -> None:
+        """Rank 0, once the config is known to be good: remove orphaned temporary checkpoint
+        files; ``overwrite``: remove the old run's files; ``resume``: cut the metrics log back to
+        the checkpoint's epoch (no checkpoint: start a clean log)."""
+        if self.rank != 0:
+            return
+        old = self._orphan_files()
+        if self.cfg.overwrite:
+            old += self._run_files()
+        for path in old:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self.cfg.resume:
+            self._truncate_metrics(self.epoch)
+
+    def _truncate_metrics(self, epoch: int) -> None:
+        """Keep the per-epoch records up to ``epoch`` (those a kill left after the checkpoint
+        go, and so does the final record): the log then continues where the checkpoint does."""
+        if epoch == 0:  # starting over: nothing of an old log belongs to this run
+            with contextlib.suppress(FileNotFoundError):
+                self.metrics_path.unlink()
+            return
+        records = read_metrics(self.metrics_path, repair=True)
+        keep = [r for r in records if not r.get("final") and r["epoch"] <= epoch]
+        if len(keep) == len(records):
+            return
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        tmp = self._metrics_tmp
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics_path)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def _gather_rng(self) -> List[Dict[str, Any]]:
         state = rng_state()
@@ -295,12 +411,6 @@ class Trainer:
         if ckpt.get("method") is not None:  # older checkpoints carry no method state
             self.method.load_state_dict(ckpt["method"][self.rank])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        if self.rank == 0 and self.metrics_path.is_file():
-            # drop records of epochs after the checkpoint (written before a kill)
-            lines = self.metrics_path.read_text().splitlines()
-            keep = [ln for ln in lines if ln.strip() and not json.loads(ln).get("final")
-                    and json.loads(ln)["epoch"] <= self.epoch]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def _save_checkpoint(self) -> None:
         state = self.state_dict()  # every rank joins the RNG gather
@@ -534,4 +644,4 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     return Trainer(cfg, callbacks).fit()
 
 
-__all__ = ["Trainer", "train", "l1_term", "RECORD_FIELDS"]
+__all__ = ["Trainer", "train", "l1_term", "RECORD_FIELDS", "MetricsLogError", "read_metrics"]
