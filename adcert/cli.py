@@ -23,14 +23,14 @@ def _info(_args) -> int:
 
     import adcert
     from adcert import ops
-    from adcert.ops._extension import triton_available
+    from adcert.ops._extension import describe, status, triton_available
 
     print(f"adcert {adcert.__version__} (python {platform.python_version()}, torch "
           f"{torch.__version__})")
-    print(f"compiled extension: {ops._extension.load_extension().__file__}")
+    print(f"ops: {describe()}")  # compiled / reference / unavailable (a stale adcert._C)
     print(f"triton importable: {triton_available()}; CUDA available: "
           f"{torch.cuda.is_available()}; Triton CUDA kernels registered: {ops.GPU_KERNELS}")
-    return 0
+    return 1 if status() == "broken" else 0
 
 
 def _bench(args) -> int:

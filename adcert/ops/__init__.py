@@ -3,7 +3,11 @@
 Each op is a ``torch.library`` custom op (``torch.ops.adcert.<name>``) with a schema, a fake
 kernel and registered autograd, so it also works under ``torch.compile``. CPU tensors run the
 C++ kernels of ``adcert._C``; CUDA tensors run the Triton kernels (``adcert.kernels``).
-``adcert.ops.reference`` holds the plain-torch reference of every op. On CPU each op checks its
+``adcert.ops.reference`` holds the plain-torch reference of every op. Without ``adcert._C`` (an
+install without a compiler) ``import adcert`` still works and each op below runs its reference,
+with one warning that says how to build the extension (``adcert info`` shows the active path;
+``adcert.ops._extension``); an ``adcert._C`` built against another torch makes the ops raise an
+ImportError that says how to rebuild it. On CPU each op checks its
 box for NaN and negative radii (one fused pass); ``with adcert.ops.value_checks(False):`` skips
 that pass for boxes you have already validated.
 
@@ -19,10 +23,9 @@ that pass for boxes you have already validated.
                 clean_logits=None, adv_weight=5/6)                        -> loss
     brent_step(state, f, xtol, rtol, max_iter)   -> state   (batched Brent step, adcert.radius)
 """
-from adcert.ops._extension import load_extension as _load_extension
-
-_load_extension()  # registers torch.ops.adcert.* and the CPU kernels; clear error if missing
-
+from adcert.ops import _extension  # noqa: F401
+# importing the op modules loads adcert._C when it is there (it registers torch.ops.adcert.* and
+# the CPU kernels); without it they run adcert.ops.reference (adcert.ops._extension)
 from adcert.ops import reference  # noqa: E402,F401
 from adcert.ops.adcert_loss import adcert_loss  # noqa: E402
 from adcert.ops.brent_step import brent_step  # noqa: E402

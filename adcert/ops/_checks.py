@@ -8,6 +8,8 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
+from adcert.ops import _extension
+
 _STATE = threading.local()
 
 
@@ -60,6 +62,18 @@ def check_tensor(name: str, t, *, ndim: Optional[Union[int, Sequence[int]]] = No
             raise ValueError(f"{name}: expected a {want}-D tensor, got shape {tuple(t.shape)}")
 
 
+def _box_status(mu: torch.Tensor, r: torch.Tensor) -> int:
+    """0 valid, 1 NaN in mu, 2 NaN in r, 3 negative r: ``torch.ops.adcert.box_status`` of
+    ``adcert._C``, or the same in plain torch when it is not built."""
+    if _extension.compiled():
+        return torch.ops.adcert.box_status(mu, r)
+    if bool(torch.isnan(mu).any()):
+        return 1
+    if bool(torch.isnan(r).any()):
+        return 2
+    return 3 if bool((r < 0).any()) else 0
+
+
 def check_box(mu, r, *, ndim=None, check_values: bool = True) -> None:
     """``mu`` and ``r`` must be same-shape, same-dtype, same-device float tensors, ``r >= 0``
     and no NaN. The value checks synchronise with the device, so they only run on CPU tensors
@@ -74,8 +88,8 @@ def check_box(mu, r, *, ndim=None, check_values: bool = True) -> None:
         raise ValueError(f"r: expected the device of mu ({mu.device}), got {r.device}")
     if (check_values and mu.device.type == "cpu" and mu.numel() > 0
             and not torch.compiler.is_compiling() and value_checks_enabled()):
-        # One fused C++ pass and one host sync for all value checks.
-        status = torch.ops.adcert.box_status(mu, r)
+        # One fused C++ pass and one host sync for all value checks (plain torch without _C).
+        status = _box_status(mu, r)
         if status == 1:
             raise ValueError("mu: contains NaN")
         if status == 2:

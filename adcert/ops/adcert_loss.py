@@ -24,13 +24,14 @@ import torch
 
 from adcert.ops._checks import value_checks_enabled
 from adcert.ops._grads import eager_autograd_function
+from adcert.ops._extension import op, reference_op, register_autograd, register_fake
 
-_op = torch.ops.adcert.adcert_loss
+_op = op("adcert_loss")
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-@torch.library.register_fake("adcert::adcert_loss")
+@register_fake("adcert_loss")
 def _fake(student, teacher, margin, clean, alpha, tau, adv_weight):
     torch._check(student.dim() == 2, lambda: "student must be [B, C]")
     loss = student.new_empty(student.shape[:1])
@@ -58,7 +59,7 @@ def _backward(ctx, grad_loss, _g_s, _g_m, _g_c):
 
 
 _Function = eager_autograd_function("AdcertLoss", _op, _setup_context, _backward)
-torch.library.register_autograd("adcert::adcert_loss", _backward, setup_context=_setup_context)
+register_autograd("adcert_loss", _backward, _setup_context)
 
 
 def _check_logits(name: str, t, ref: Optional[torch.Tensor]) -> None:
@@ -140,8 +141,12 @@ def adcert_loss(student_adv_logits: torch.Tensor, teacher_logits: torch.Tensor,
     adv_weight = _check_float("adv_weight", adv_weight, 0.0, 1.0)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    loss = _Function.apply(student_adv_logits, teacher_logits.detach(), margin_lb, clean_logits,
-                           alpha, tau, adv_weight)[0]
+    if _op is None:  # adcert._C not built: the plain-torch reference (adcert.ops._extension)
+        loss = reference_op("adcert_loss")(student_adv_logits, teacher_logits, margin_lb, alpha,
+                                           tau, "none", clean_logits, adv_weight)
+    else:
+        loss = _Function.apply(student_adv_logits, teacher_logits.detach(), margin_lb,
+                               clean_logits, alpha, tau, adv_weight)[0]
     _check_values(loss, (("student_adv_logits", student_adv_logits),
                          ("teacher_logits", teacher_logits), ("margin_lb", margin_lb),
                          ("clean_logits", clean_logits)))

@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import torch
 
+from adcert.ops._extension import op, reference_op, register_fake
+
 Tensor = torch.Tensor
 
 ROWS = ("xpre", "xcur", "xblk", "fpre", "fcur", "fblk", "spre", "scur", "lo", "hi", "done",
         "iters")
 XPRE, XCUR, XBLK, FPRE, FCUR, FBLK, SPRE, SCUR, LO, HI, DONE, ITERS = range(len(ROWS))
 
-_op = torch.ops.adcert.brent_step
+_op = op("brent_step")
 
 
-@torch.library.register_fake("adcert::brent_step")
+@register_fake("brent_step")
 def _fake(state, f, xtol, rtol, max_iter):
     torch._check(state.dim() == 2 and state.shape[0] == len(ROWS),
                  lambda: f"state must be [12, B], got {tuple(state.shape)}")
@@ -78,6 +80,8 @@ def brent_step(state: Tensor, f: Tensor, xtol: float, rtol: float, max_iter: int
     at ``state[XCUR]``, same dtype and device) -> the new state ``[12, B]`` (a new tensor).
     No host synchronisation."""
     _check(state, f, xtol, rtol, max_iter)
+    if _op is None:  # adcert._C not built: the plain-torch reference (adcert.ops._extension)
+        return reference_op("brent_step")(state, f, xtol, rtol, max_iter)
     if state.device.type != "cpu":
         from adcert.ops import GPU_KERNELS
 

@@ -12,17 +12,18 @@ import torch
 
 from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._checks import check_bn, check_box
+from adcert.ops._extension import op, reference_op, register_autograd, register_fake
 
-_op = torch.ops.adcert.interval_batch_norm
-_backward_op = torch.ops.adcert.interval_batch_norm_backward
+_op = op("interval_batch_norm")
+_backward_op = op("interval_batch_norm_backward")
 
 
-@torch.library.register_fake("adcert::interval_batch_norm")
+@register_fake("interval_batch_norm")
 def _fake(mu, r, mean, var, weight, bias, eps):
     return torch.empty_like(mu), torch.empty_like(r)
 
 
-@torch.library.register_fake("adcert::interval_batch_norm_backward")
+@register_fake("interval_batch_norm_backward")
 def _fake_backward(grad_mu, grad_r, mu, r, mean, var, weight, bias, eps):
     return (torch.empty_like(mu), torch.empty_like(r), torch.empty_like(mean),
             torch.empty_like(var), None if weight is None else torch.empty_like(weight),
@@ -44,8 +45,7 @@ def _backward(ctx, grad_mu, grad_r):
 
 
 _Function = eager_autograd_function("IntervalBatchNorm", _op, _setup_context, _backward)
-torch.library.register_autograd("adcert::interval_batch_norm", _backward,
-                                setup_context=_setup_context)
+register_autograd("interval_batch_norm", _backward, _setup_context)
 
 
 def interval_batch_norm(mu: torch.Tensor, r: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
@@ -59,4 +59,6 @@ def interval_batch_norm(mu: torch.Tensor, r: torch.Tensor, mean: torch.Tensor, v
     if mean is None or var is None:
         raise TypeError("mean, var: interval_batch_norm needs both statistics as tensors")
     check_bn(mean, var, weight, bias, eps, mu.shape[1], mu)
+    if _op is None:  # adcert._C not built: the plain-torch reference (adcert.ops._extension)
+        return reference_op("interval_batch_norm")(mu, r, mean, var, weight, bias, float(eps))
     return _Function.apply(mu, r, mean, var, weight, bias, float(eps))

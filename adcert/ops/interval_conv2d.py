@@ -10,18 +10,19 @@ from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._fused import fake_layer_backward
 from adcert.ops._checks import check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
+from adcert.ops._extension import op, reference_op, register_autograd, register_fake
 
-_op = torch.ops.adcert.interval_conv2d
-_backward_op = torch.ops.adcert.interval_conv2d_backward
+_op = op("interval_conv2d")
+_backward_op = op("interval_conv2d_backward")
 
 
-@torch.library.register_fake("adcert::interval_conv2d")
+@register_fake("interval_conv2d")
 def _fake(mu, r, weight, bias, stride, padding, dilation, groups):
     shape = conv_output_shape(mu.shape, weight.shape, stride, padding, dilation)
     return mu.new_empty(shape), r.new_empty(shape)
 
 
-@torch.library.register_fake("adcert::interval_conv2d_backward")
+@register_fake("interval_conv2d_backward")
 def _fake_backward(grad_mu, grad_r, mu, r, weight, stride, padding, dilation, groups, output_mask):
     return fake_layer_backward(mu, r, weight, output_mask)
 
@@ -43,7 +44,7 @@ def _backward(ctx, grad_mu, grad_r):
 
 
 _Function = eager_autograd_function("IntervalConv2d", _op, _setup_context, _backward)
-torch.library.register_autograd("adcert::interval_conv2d", _backward, setup_context=_setup_context)
+register_autograd("interval_conv2d", _backward, _setup_context)
 
 
 def interval_conv2d(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
@@ -54,4 +55,7 @@ def interval_conv2d(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
     check_box(mu, r, ndim=4)
     stride, padding, dilation, groups = check_conv_args(mu, weight, bias, stride, padding,
                                                         dilation, groups)
+    if _op is None:  # adcert._C not built: the plain-torch reference (adcert.ops._extension)
+        return reference_op("interval_conv2d")(mu, r, weight, bias, stride, padding, dilation,
+                                               groups)
     return _Function.apply(mu, r, weight, bias, stride, padding, dilation, groups)

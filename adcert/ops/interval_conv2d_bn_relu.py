@@ -15,19 +15,20 @@ from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._fused import block_output_mask, fake_block_backward
 from adcert.ops._checks import check_bn, check_box
 from adcert.ops._conv_shape import check_conv_args, conv_output_shape
+from adcert.ops._extension import op, reference_op, register_autograd, register_fake
 
-_op = torch.ops.adcert.interval_conv2d_bn_relu
-_backward_op = torch.ops.adcert.interval_conv2d_bn_relu_backward
+_op = op("interval_conv2d_bn_relu")
+_backward_op = op("interval_conv2d_bn_relu_backward")
 
 
-@torch.library.register_fake("adcert::interval_conv2d_bn_relu")
+@register_fake("interval_conv2d_bn_relu")
 def _fake(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, stride, padding,
           dilation, groups, relu):
     shape = conv_output_shape(mu.shape, weight.shape, stride, padding, dilation)
     return mu.new_empty(shape), r.new_empty(shape), mu.new_empty(shape), r.new_empty(shape)
 
 
-@torch.library.register_fake("adcert::interval_conv2d_bn_relu_backward")
+@register_fake("interval_conv2d_bn_relu_backward")
 def _fake_backward(grad_mu, grad_r, mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias,
                    bn_eps, stride, padding, dilation, groups, relu, mu_pre, r_pre, output_mask):
     return fake_block_backward(mu, r, weight, (bias, bn_mean, bn_var, bn_weight, bn_bias),
@@ -54,8 +55,7 @@ def _backward(ctx, grad_mu, grad_r, _grad_mu_pre, _grad_r_pre):
 
 
 _Function = eager_autograd_function("IntervalConv2dBnRelu", _op, _setup_context, _backward)
-torch.library.register_autograd("adcert::interval_conv2d_bn_relu", _backward,
-                                setup_context=_setup_context)
+register_autograd("interval_conv2d_bn_relu", _backward, _setup_context)
 
 
 def interval_conv2d_bn_relu(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
@@ -74,6 +74,11 @@ def interval_conv2d_bn_relu(mu: torch.Tensor, r: torch.Tensor, weight: torch.Ten
     stride, padding, dilation, groups = check_conv_args(mu, weight, bias, stride, padding,
                                                         dilation, groups)
     check_bn(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, weight.shape[0], mu)
+    if _op is None:  # adcert._C not built: the plain-torch reference (adcert.ops._extension)
+        return reference_op("interval_conv2d_bn_relu")(mu, r, weight, bias, bn_mean, bn_var,
+                                                       bn_weight, bn_bias, float(bn_eps),
+                                                       stride, padding, dilation, groups,
+                                                       bool(relu))
     out = _Function.apply(mu, r, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), stride,
               padding, dilation, groups, bool(relu))
     return out[0], out[1]

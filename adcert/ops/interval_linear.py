@@ -8,18 +8,19 @@ import torch
 from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._fused import fake_layer_backward
 from adcert.ops._checks import check_box, check_param
+from adcert.ops._extension import op, reference_op, register_autograd, register_fake
 
-_op = torch.ops.adcert.interval_linear
-_backward_op = torch.ops.adcert.interval_linear_backward
+_op = op("interval_linear")
+_backward_op = op("interval_linear_backward")
 
 
-@torch.library.register_fake("adcert::interval_linear")
+@register_fake("interval_linear")
 def _fake(mu, r, weight, bias):
     shape = (mu.shape[0], weight.shape[0])
     return mu.new_empty(shape), r.new_empty(shape)
 
 
-@torch.library.register_fake("adcert::interval_linear_backward")
+@register_fake("interval_linear_backward")
 def _fake_backward(grad_mu, grad_r, mu, r, weight, output_mask):
     return fake_layer_backward(mu, r, weight, output_mask)
 
@@ -40,7 +41,7 @@ def _backward(ctx, grad_mu, grad_r):
 
 
 _Function = eager_autograd_function("IntervalLinear", _op, _setup_context, _backward)
-torch.library.register_autograd("adcert::interval_linear", _backward, setup_context=_setup_context)
+register_autograd("interval_linear", _backward, _setup_context)
 
 
 def interval_linear(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
@@ -55,6 +56,8 @@ def interval_linear(mu: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"weight: expected shape [out, {mu.shape[-1]}] for mu of shape "
                          f"{tuple(mu.shape)}, got {tuple(weight.shape)}")
     check_param("bias", bias, mu, (weight.shape[0],), optional=True)
+    if _op is None:  # adcert._C not built: the plain-torch reference (adcert.ops._extension)
+        return reference_op("interval_linear")(mu, r, weight, bias)
     lead = mu.shape[:-1]
     mu2, r2 = mu.reshape(-1, mu.shape[-1]), r.reshape(-1, r.shape[-1])
     out_mu, out_r = _Function.apply(mu2, r2, weight, bias)

@@ -10,17 +10,18 @@ import torch
 
 from adcert.ops._grads import box_backward, eager_autograd_function
 from adcert.ops._checks import check_box
+from adcert.ops._extension import op, reference_op, register_autograd, register_fake
 
-_op = torch.ops.adcert.interval_relu
-_backward_op = torch.ops.adcert.interval_relu_backward
+_op = op("interval_relu")
+_backward_op = op("interval_relu_backward")
 
 
-@torch.library.register_fake("adcert::interval_relu")
+@register_fake("interval_relu")
 def _fake(mu, r):
     return torch.empty_like(mu), torch.empty_like(r)
 
 
-@torch.library.register_fake("adcert::interval_relu_backward")
+@register_fake("interval_relu_backward")
 def _fake_backward(grad_mu, grad_r, mu, r):
     return torch.empty_like(mu), torch.empty_like(r)
 
@@ -39,10 +40,12 @@ def _backward(ctx, grad_mu, grad_r):
 
 
 _Function = eager_autograd_function("IntervalRelu", _op, _setup_context, _backward)
-torch.library.register_autograd("adcert::interval_relu", _backward, setup_context=_setup_context)
+register_autograd("interval_relu", _backward, _setup_context)
 
 
 def interval_relu(mu: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Interval ReLU. ``mu, r``: any shape, ``r >= 0`` -> ``(mu', r')`` of the same shape."""
     check_box(mu, r)
+    if _op is None:  # adcert._C not built: the plain-torch reference (adcert.ops._extension)
+        return reference_op("interval_relu")(mu, r)
     return _Function.apply(mu, r)

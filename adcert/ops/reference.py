@@ -11,6 +11,9 @@ Boxes are in centre-radius form ``(mu, r)`` with ``r >= 0``: lower ``mu - r``, u
 * conv2d:  ``mu, r: [B, C_in, H, W]``, ``weight: [C_out, C_in / groups, kH, kW]``, ``bias: [C_out]``
 * batch norm: ``mu, r: [B, C]`` or ``[B, C, *spatial]``; ``mean, var, weight, bias: [C]``
 * relu: any shape.
+
+Without the compiled extension (``adcert._C`` not built) the public ops of :mod:`adcert.ops` run
+these functions (after the same argument checks); see :mod:`adcert.ops._extension`.
 """
 from __future__ import annotations
 
@@ -123,3 +126,11 @@ def adcert_loss(student_adv_logits: Tensor, teacher_logits: Tensor, margin_lb: T
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def brent_step(state: Tensor, f: Tensor, xtol: float, rtol: float, max_iter: int) -> Tensor:
+    """One batched Brent step: :func:`adcert.ops.brent_step.brent_step_reference` (the state
+    layout and semantics are documented in :mod:`adcert.ops.brent_step`)."""
+    from adcert.ops.brent_step import brent_step_reference
+
+    return brent_step_reference(state, f, xtol, rtol, max_iter)
