@@ -476,9 +476,11 @@ def test_corrupt_journal_lines_are_reported(tmp_path):
     path.write_bytes(good + bad + b"\n")
     with pytest.raises(JournalError, match="verdict 'robust'"):
         read_journal(path)
-    dup = lines[2]
-    path.write_bytes(good + dup + b"\n")
-    with pytest.raises(JournalError, match="appears twice"):
+    dup = json.loads(lines[2])   # the same sample again, with another verdict: a conflict
+    dup["verdict"] = "attacked" if dup["verdict"] != "attacked" else "unknown"
+    path.write_bytes(good + json.dumps(dup).encode() + b"\n")
+    with pytest.raises(JournalError, match=rf"{journal_name(0, 1)}:7: sample index "
+                                           rf"{dup['index']} appears twice with conflicting"):
         read_journal(path)
     path.write_bytes(good + b'{"type": "sam')           # truncated last line
     with pytest.warns(RuntimeWarning, match="ignored"):

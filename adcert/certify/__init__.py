@@ -14,15 +14,17 @@ branch-and-bound for tiny models), :mod:`~adcert.certify.journal` (the JSON-line
 :mod:`~adcert.certify.report` (merging shards) and :mod:`~adcert.certify.cli`
 (``adcert certify``).
 """
-from adcert.certify.journal import Journal, JournalError, read_journal
+from adcert.certify.journal import Journal, JournalError, JournalLock, JournalLocked, read_journal
 from adcert.certify.model_io import ModelFileError, load_model
 from adcert.certify.pipeline import (
-    CertifyResult, JournalMismatch, StageUnavailable, certify, parse_shard, shard_from_env,
+    CertifyInterrupted, CertifyResult, JournalMismatch, StageUnavailable, certify, parse_shard,
+    shard_from_env,
 )
 from adcert.certify.report import format_table, report
 from adcert.certify.stages import DEFAULT_STAGES, STAGE_NAMES, Outcome, make_stage
 
-__all__ = ["certify", "CertifyResult", "StageUnavailable", "JournalMismatch", "parse_shard",
-           "shard_from_env", "report", "format_table", "load_model", "ModelFileError", "Journal",
-           "JournalError", "read_journal", "DEFAULT_STAGES", "STAGE_NAMES", "Outcome",
+__all__ = ["certify", "CertifyResult", "StageUnavailable", "JournalMismatch", "JournalLocked",
+           "CertifyInterrupted", "parse_shard", "shard_from_env", "report", "format_table",
+           "load_model", "ModelFileError", "Journal", "JournalLock", "JournalError",
+           "read_journal", "DEFAULT_STAGES", "STAGE_NAMES", "Outcome",
            "make_stage"]

@@ -312,6 +312,11 @@ class AbcrownStage:
             return f"eps = {eps}: nothing to verify"
         return None
 
+    def fingerprint(self) -> Dict[str, Any]:
+        """The settings that can change a verdict (part of the journal's fingerprint; the
+        script's location, the device and the work folder are not)."""
+        return {"timeout": self.timeout, "config": self.config}
+
     def _limit(self, n: int) -> float:
         return self.startup + n * (self.timeout + self.slack)
 

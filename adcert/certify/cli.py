@@ -3,22 +3,29 @@
     adcert certify --checkpoint CKPT --eps EPS --dataset NAME [--data-dir D] [--n N]
                    [--stages autoattack,ibp,crown,alpha-crown] [--timeout S] [--shard i/n]
                    [--out DIR] [--batch-size B] [--dtype float32|float64] [--device DEV]
-                   [--skip-unavailable] [--trust-pickle]
+                   [--skip-unavailable] [--trust-pickle] [--quiet]
                    [--verifier ours|abcrown] [--abcrown PATH] [--abcrown-config YAML]
     adcert certify report DIR [DIR ...] [--json PATH]
 
 Each shard appends to ``DIR/journal-<i>-of-<n>.jsonl``; rerunning the same command resumes (done
-samples are skipped). Under ``torchrun`` without ``--shard``, each rank certifies shard
-``RANK/WORLD_SIZE`` (no process group is needed). ``report`` prints the merged table and writes
-the JSON summary (default ``DIR/report.json`` of the first DIR). Exit status 2 on bad input,
-3 when a requested stage is unavailable (see ``--skip-unavailable``) or alpha,beta-CROWN
-fails (``--verifier abcrown``).
+samples are skipped). One process per shard and DIR: a second one is refused at the start,
+naming the PID of the one that runs. A rerun with another checkpoint (by content), eps, dataset,
+sample count, stages, dtype or verifier than the journal's is refused, naming what differs.
+Under ``torchrun`` without ``--shard``, each rank certifies shard ``RANK/WORLD_SIZE`` (no process
+group is needed). Progress: a bar with the running verdict counts on a terminal, one line per
+batch otherwise, nothing with ``--quiet``. Ctrl-C keeps every finished sample in the journal and
+prints the command that resumes. ``report`` prints the merged table and writes the JSON summary
+(default ``DIR/report.json`` of the first DIR). Exit status 2 on bad input (a locked or
+mismatched journal included), 3 when a requested stage is unavailable (see
+``--skip-unavailable``) or alpha,beta-CROWN fails (``--verifier abcrown``), 130 when
+interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import shlex
 import sys
 
 
@@ -67,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "abcrown.py (default $ADCERT_ABCROWN)")
     p.add_argument("--abcrown-config", default=None, help="a YAML file of abcrown settings "
                    "merged into the generated config (e.g. 'attack: {pgd_order: after}')")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (default: a progress bar with the verdict counts "
+                        "when stderr is a terminal, else one line per batch)")
 
 
 def _number(text: str) -> float:
@@ -77,9 +87,50 @@ def _number(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: the journal is closed; say how to resume
+        return _interrupted(args, err)
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    from adcert.certify.pipeline import CertifyInterrupted
+
+    if isinstance(err, CertifyInterrupted) and err.journal is not None:
+        state = (f"the journal {err.journal} holds {err.done} of the {err.total} samples of "
+                 f"shard {err.shard[0]}/{err.shard[1]} ({err.computed} done by this run; the "
+                 f"unfinished batch was dropped)")
+    else:
+        state = "nothing new was journaled"
+    print(f"\nadcert certify: interrupted; {state}. To resume, run the same command again:\n"
+          f"  {resume_command(args)}", file=sys.stderr)
+    return 130
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``adcert certify ...`` command line of ``args`` (every option that differs from its
+    default), which resumes the run."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    words = ["adcert", "certify"]
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if value is None or value == action.default or not action.option_strings:
+            continue
+        if action.nargs == 0:  # a flag
+            words.append(action.option_strings[0])
+        else:
+            words += [action.option_strings[0], repr(value) if isinstance(value, float)
+                      else str(value)]
+    return shlex.join(words)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from adcert._deps import MissingDependency
+    from adcert.certify.fingerprint import file_sha256
+    from adcert.certify.journal import JournalLocked
     from adcert.certify.model_io import ModelFileError, load_model
     from adcert.certify.pipeline import (
         JournalMismatch, StageUnavailable, certify, parse_shard, shard_from_env,
@@ -111,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
             meta["abcrown"] = str(abcrown.script)
         model = load_model(args.checkpoint, args.device, trust_pickle=args.trust_pickle)
         model = model.to(getattr(torch, args.dtype))
+        # what determines a verdict besides what certify() sees (the checkpoint by content)
+        fingerprint = {"checkpoint": file_sha256(args.checkpoint), "dataset": args.dataset,
+                       "verifier": args.verifier}
         from adcert.data import load_dataset, subset
 
         x, y = load_dataset(args.dataset, "test", args.data_dir)
@@ -118,13 +172,18 @@ def run(args: argparse.Namespace) -> int:
         stages = [s for s in args.stages.split(",") if s.strip()]
         if abcrown is not None:
             stages = [abcrown]
+        bar = not args.quiet and sys.stderr.isatty()
         res = certify(model, x, y, args.eps, stages=stages, out_dir=args.out, shard=shard,
                       batch_size=args.batch_size, timeout=args.timeout,
                       skip_unavailable=args.skip_unavailable, meta=meta,
-                      log=lambda s: print(s, file=sys.stderr))
+                      fingerprint=fingerprint, progress=bar,
+                      log=None if args.quiet or bar else lambda s: print(s, file=sys.stderr))
     except StageUnavailable as err:
         print(f"adcert certify: {err}", file=sys.stderr)
         return 3
+    except JournalLocked as err:  # another process certifies this shard into this --out
+        print(f"adcert certify: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:  # AbcrownError: the external verifier failed
         if type(err).__name__ != "AbcrownError":
             raise

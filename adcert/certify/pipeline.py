@@ -11,6 +11,14 @@ journaled sample (granularity: a sample's final verdict; undecided samples of a 
 mid-way are recomputed). Verified counterexamples are saved as ``adversarial/<index>.pt``
 (atomically, before the journal line that points to them).
 
+One process per journal: the run holds an exclusive lock on its journal (an ``flock`` the kernel
+releases on any exit, see :class:`~adcert.certify.journal.JournalLock`); a second run on the same
+shard and ``out_dir`` is refused at the start (:class:`JournalLocked`, naming the holder's PID).
+The journal's meta record holds the run's fingerprint (eps, stages and their options, model
+weights, data, dtype, ...; :mod:`adcert.certify.fingerprint`): a rerun with another one is refused
+(:class:`JournalMismatch`, naming what differs). Ctrl-C drops the current batch's undecided
+samples, closes the journal and raises :class:`CertifyInterrupted`; rerunning resumes.
+
 Sharding: shard ``i`` of ``n`` takes the samples whose global index ``k`` has ``k % n == i``, so
 independent jobs (or ``torchrun`` ranks) cover the set exactly once; merge them with
 :func:`adcert.certify.report.report`.
@@ -22,9 +30,11 @@ with the reason, and every sample record names the stages it skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,7 +43,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from adcert.certify.journal import Journal, journal_name, read_journal
+from adcert.certify.fingerprint import (
+    differences, jsonable, mismatch_message, model_sha256, tensors_sha256,
+)
+from adcert.certify.journal import (
+    Journal, JournalLock, JournalLocked, journal_name, read_journal,
+)
 from adcert.certify.stages import DEFAULT_STAGES, STAGE_NAMES, RadiusStage, make_stage
 
 Tensor = torch.Tensor
@@ -45,7 +60,23 @@ class StageUnavailable(RuntimeError):
 
 
 class JournalMismatch(ValueError):
-    """The journal in ``out_dir`` was written by a run with different settings."""
+    """The journal in ``out_dir`` was written by a run with a different fingerprint (the
+    message names what differs)."""
+
+
+class CertifyInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`certify`. The journal is closed and holds every sample
+    finished before it (``done`` of the shard's ``total``; ``computed`` of them by this call);
+    the undecided samples of the interrupted batch were dropped. Rerunning the same call
+    resumes. A ``KeyboardInterrupt``, so code that catches that still does."""
+
+    def __init__(self, journal: Optional[pathlib.Path], shard: Tuple[int, int], done: int,
+                 total: int, computed: int):
+        self.journal, self.shard = journal, tuple(shard)
+        self.done, self.total, self.computed = int(done), int(total), int(computed)
+        where = f"the journal {journal} holds" if journal is not None else "no journal; done:"
+        super().__init__(f"interrupted: {where} {done} of the {total} samples of shard "
+                         f"{shard[0]}/{shard[1]}")
 
 
 @dataclass
@@ -135,7 +166,8 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
             batch_size: int = 64, timeout: Optional[float] = None, sound: bool = True,
             skip_unavailable: bool = False, stage_options: Optional[Dict[str, Dict]] = None,
             radius: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None,
-            log=None) -> CertifyResult:
+            log=None, fingerprint: Optional[Dict[str, Any]] = None,
+            progress=None) -> CertifyResult:
     """Certify the samples of shard ``shard`` of ``(x, y)`` at L-inf radius ``eps``.
 
     Args:
@@ -160,10 +192,20 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
         radius: ``{"eps_max": E, "method": "ibp", ...}`` to also record every sample's certified
             radius (:class:`~adcert.certify.stages.RadiusStage`; the report then gives ACR).
         meta: extra JSON-able fields for the journal's meta record (e.g. the checkpoint path).
-        log: ``callable(str)`` for progress lines (default: silent).
+        log: ``callable(str)`` for progress lines, one per batch (default: silent).
+        fingerprint: extra JSON-able items of the run's fingerprint (what the caller knows and
+            the certifier cannot see, e.g. ``{"checkpoint": sha256 of the file}``); see
+            :mod:`adcert.certify.fingerprint` for what is always in it.
+        progress: ``True`` (stderr) or a file: a tqdm bar over the shard's samples with the
+            running verdict counts.
 
-    Returns a :class:`CertifyResult`. Raises :class:`JournalMismatch` when ``out_dir`` holds a
-    journal of this shard written with a different eps, stages, sample count or soundness.
+    Returns a :class:`CertifyResult`. While it runs, it holds the journal's lock: another
+    process (or call) on the same shard and ``out_dir`` gets :class:`JournalLocked`, naming
+    this one's PID. Raises :class:`JournalMismatch` when ``out_dir`` holds a journal of this
+    shard whose fingerprint (eps, stages and their options, model weights, data, dtype, ...;
+    see :mod:`adcert.certify.fingerprint`) differs, naming what differs; a journal of an older
+    adcert without a fingerprint is resumed with a warning. Ctrl-C raises
+    :class:`CertifyInterrupted` after closing the journal (every finished sample is in it).
     """
     x, y, names, given = _check_inputs(model, x, y, eps, stages)
     i_shard, n_shards = parse_shard(f"{shard[0]}/{shard[1]}")
@@ -173,6 +215,9 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     index = list(range(n_total)) if indices is None else [int(k) for k in indices]
     if len(index) != n_total or len(set(index)) != n_total:
         raise ValueError(f"indices: expected {n_total} distinct integers")
+    out = pathlib.Path(out_dir) if out_dir is not None else None
+    # the inputs as given (uint8 already scaled), before the cast to the model's dtype
+    data_sha = tensors_sha256([x, y, index]) if out is not None else None
     model.eval()
     param = next(iter(model.parameters()), None)
     if param is not None:
@@ -184,105 +229,187 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
         torch.backends.cudnn.allow_tf32 = False
     num_classes = _num_classes(model, x)
 
-    header = {"type": "meta", "version": 1, "eps": eps, "stages": ["clean"] + names,
+    header = {"type": "meta", "version": 2, "eps": eps, "stages": ["clean"] + names,
               "shard": [i_shard, n_shards], "n_total": n_total, "sound": bool(sound),
               "radius": dict(radius) if radius else None, **(meta or {})}
+    if out is not None:
+        header["fingerprint"] = _fingerprint(header, model, x, names, given, stage_options,
+                                             timeout, data_sha, fingerprint)
     mine = [p for p, k in enumerate(index) if k % n_shards == i_shard]
     path, done = None, {}
-    out = pathlib.Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        path = out / journal_name(i_shard, n_shards)
-        contents = read_journal(path)
-        if contents.meta is not None:
-            keys = ("eps", "stages", "shard", "n_total", "sound", "radius")
-            diff = [k for k in keys if contents.meta.get(k) != header[k]]
-            if diff:
-                raise JournalMismatch(
-                    f"{path}: written by a run with different {', '.join(diff)} ("
-                    + "; ".join(f"{k}: journal {contents.meta.get(k)!r}, now {header[k]!r}"
-                                for k in diff) + "); use another --out directory")
-        done = dict(contents.samples)
-    todo = [p for p in mine if index[p] not in done]
+    with contextlib.ExitStack() as stack:
+        contents = None
+        if out is not None:
+            path = out / journal_name(i_shard, n_shards)
+            stack.enter_context(JournalLock(path))  # JournalLocked: another process writes it
+            contents = read_journal(path)
+            if contents.meta is not None:
+                _check_resume(out_dir, path, contents.meta, header)
+            done = dict(contents.samples)
+        todo = [p for p in mine if index[p] not in done]
 
-    stage_objs = [make_stage("clean", num_classes)] + [
-        given[n] if n in given else
-        make_stage(n, num_classes, sound=sound, timeout=timeout, options=stage_options)
-        for n in names]
-    radius_stage = RadiusStage(sound=sound, **radius) if radius else None
-    unavailable: Dict[str, str] = {}
-    if todo:
-        probe_x, probe_y = x[todo[:1]], y[todo[:1]]
-        for st in stage_objs + ([radius_stage] if radius_stage else []):
-            reason = st.unavailable(model, probe_x, probe_y, eps)
-            if reason is not None:
-                unavailable[st.name] = reason
-    if unavailable and not skip_unavailable:
-        raise StageUnavailable(
-            "stage(s) unavailable: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
-            + ". Remove them from the stages, or skip them explicitly (skip_unavailable / "
-              "--skip-unavailable; they are then recorded as skipped)")
-    if unavailable:
-        warnings.warn("certify: skipping unavailable stage(s) " + ", ".join(unavailable)
-                      + " (recorded in the journal)", RuntimeWarning, stacklevel=2)
-    if not sound:
-        warnings.warn("certify: sound=False -- 'certified' verdicts are NOT rounding-sound "
-                      "certificates (recorded in the journal)", RuntimeWarning, stacklevel=2)
-    active = [st for st in stage_objs if st.name not in unavailable]
-    skipped = [st.name for st in stage_objs if st.name in unavailable]
+        stage_objs = [make_stage("clean", num_classes)] + [
+            given[n] if n in given else
+            make_stage(n, num_classes, sound=sound, timeout=timeout, options=stage_options)
+            for n in names]
+        radius_stage = RadiusStage(sound=sound, **radius) if radius else None
+        unavailable: Dict[str, str] = {}
+        if todo:
+            probe_x, probe_y = x[todo[:1]], y[todo[:1]]
+            for st in stage_objs + ([radius_stage] if radius_stage else []):
+                reason = st.unavailable(model, probe_x, probe_y, eps)
+                if reason is not None:
+                    unavailable[st.name] = reason
+        if unavailable and not skip_unavailable:
+            raise StageUnavailable(
+                "stage(s) unavailable: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+                + ". Remove them from the stages, or skip them explicitly (skip_unavailable / "
+                  "--skip-unavailable; they are then recorded as skipped)")
+        if unavailable:
+            warnings.warn("certify: skipping unavailable stage(s) " + ", ".join(unavailable)
+                          + " (recorded in the journal)", RuntimeWarning, stacklevel=2)
+        if not sound:
+            warnings.warn("certify: sound=False -- 'certified' verdicts are NOT rounding-sound "
+                          "certificates (recorded in the journal)", RuntimeWarning, stacklevel=2)
+        active = [st for st in stage_objs if st.name not in unavailable]
+        skipped = [st.name for st in stage_objs if st.name in unavailable]
 
-    journal = None
-    if path is not None:
-        journal = Journal(path)
-        if read_journal(path).meta is None:
-            journal.append(header)
-        journal.append({"type": "run", "started": time.time(), "unavailable": unavailable,
-                        "sound": bool(sound), "todo": len(todo)})
-    computed: List[int] = []
-    try:
-        for b in range(0, len(todo), batch_size):
-            pos = todo[b:b + batch_size]
-            xb, yb = x[pos], y[pos]
-            state = [{"values": {}, "stage_times": {}} for _ in pos]
-            open_ = list(range(len(pos)))
-            if radius_stage is not None and "radius" not in unavailable:
-                t0 = time.perf_counter()
-                for s, r in zip(state, radius_stage.radii(model, xb, yb)):
-                    s["radius"] = r
-                    s["stage_times"]["radius"] = (time.perf_counter() - t0) / len(pos)
-            for st in active:
-                if not open_:
-                    break
-                t0 = time.perf_counter()
-                res = st.run(model, xb[open_], yb[open_], eps)
-                share = (time.perf_counter() - t0) / len(open_)
-                still = []
-                for j, local in enumerate(open_):
+        journal = None
+        if path is not None:
+            journal = stack.enter_context(Journal(path))
+            if contents.meta is None:
+                journal.append(header)
+            journal.append({"type": "run", "started": time.time(), "unavailable": unavailable,
+                            "sound": bool(sound), "todo": len(todo)})
+        bar = _progress_bar(progress, (i_shard, n_shards), len(mine), len(mine) - len(todo),
+                            [done[index[p]]["verdict"] for p in mine if index[p] in done])
+        if bar is not None:
+            stack.callback(bar.close)
+        computed: List[int] = []
+
+        def finish(local: int, pos: List[int], yb: Tensor, s: Dict[str, Any]) -> None:
+            _finish(journal, index[pos[local]], int(yb[local]), s, skipped, computed, done)
+            if bar is not None:
+                bar.counts[s["verdict"]] += 1
+                bar.set_postfix(bar.counts, refresh=False)
+                bar.update(1)
+
+        try:
+            for b in range(0, len(todo), batch_size):
+                pos = todo[b:b + batch_size]
+                xb, yb = x[pos], y[pos]
+                state = [{"values": {}, "stage_times": {}} for _ in pos]
+                open_ = list(range(len(pos)))
+                if radius_stage is not None and "radius" not in unavailable:
+                    t0 = time.perf_counter()
+                    for s, r in zip(state, radius_stage.radii(model, xb, yb)):
+                        s["radius"] = r
+                        s["stage_times"]["radius"] = (time.perf_counter() - t0) / len(pos)
+                for st in active:
+                    if not open_:
+                        break
+                    t0 = time.perf_counter()
+                    res = st.run(model, xb[open_], yb[open_], eps)
+                    share = (time.perf_counter() - t0) / len(open_)
+                    still = []
+                    for j, local in enumerate(open_):
+                        s = state[local]
+                        s["stage_times"][st.name] = share
+                        s["values"][st.name] = res.values[j]
+                        extra = getattr(res, "extra", None)  # optional per-sample JSON-able info
+                        if extra and extra[j] is not None:
+                            s.setdefault("extra", {})[st.name] = extra[j]
+                        if res.verdicts[j] is None:
+                            still.append(local)
+                            continue
+                        s["verdict"], s["stage"] = res.verdicts[j], st.name
+                        if res.adv and res.adv[j] is not None and out is not None:
+                            s["adv"] = _save_adv(out, index[pos[local]], res.adv[j])
+                        finish(local, pos, yb, s)
+                    open_ = still
+                for local in open_:
                     s = state[local]
-                    s["stage_times"][st.name] = share
-                    s["values"][st.name] = res.values[j]
-                    extra = getattr(res, "extra", None)  # optional per-sample JSON-able info
-                    if extra and extra[j] is not None:
-                        s.setdefault("extra", {})[st.name] = extra[j]
-                    if res.verdicts[j] is None:
-                        still.append(local)
-                        continue
-                    s["verdict"], s["stage"] = res.verdicts[j], st.name
-                    if res.adv and res.adv[j] is not None and out is not None:
-                        s["adv"] = _save_adv(out, index[pos[local]], res.adv[j])
-                    _finish(journal, index[pos[local]], int(yb[local]), s, skipped, computed,
-                            done)
-                open_ = still
-            for local in open_:
-                s = state[local]
-                s["verdict"], s["stage"] = "unknown", None
-                _finish(journal, index[pos[local]], int(yb[local]), s, skipped, computed, done)
-            if log is not None:
-                log(f"certify shard {i_shard}/{n_shards}: {min(b + batch_size, len(todo))}"
-                    f"/{len(todo)} samples")
-    finally:
-        if journal is not None:
-            journal.close()
+                    s["verdict"], s["stage"] = "unknown", None
+                    finish(local, pos, yb, s)
+                if log is not None:
+                    log(f"certify shard {i_shard}/{n_shards}: {min(b + batch_size, len(todo))}"
+                        f"/{len(todo)} samples")
+        except KeyboardInterrupt:
+            # the journal holds every finished sample (each line written whole and fsynced);
+            # the undecided samples of the current batch are dropped and recomputed on resume
+            n_done = sum(index[p] in done for p in mine)
+            if path is not None:  # the journal is the truth (Ctrl-C may land after a write)
+                with contextlib.suppress(Exception), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    n_done = len(read_journal(path, truncated="ignore").samples)
+            raise CertifyInterrupted(path, (i_shard, n_shards), n_done, len(mine),
+                                     n_done - (len(mine) - len(todo))) from None
     return CertifyResult({k: done[k] for k in sorted(done)}, computed, unavailable, path)
+
+
+def _fingerprint(header: Dict[str, Any], model: nn.Module, x: Tensor, names: List[str],
+                 given: Dict[str, Any], stage_options: Optional[Dict[str, Dict]],
+                 timeout: Optional[float], data_sha: Optional[str],
+                 extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Everything that determines a verdict (see :mod:`adcert.certify.fingerprint`)."""
+    options = {n: (stage_options or {})[n] for n in names if n in (stage_options or {})}
+    for n, obj in given.items():  # stage objects describe their own settings
+        fp = getattr(obj, "fingerprint", None)
+        if callable(fp):
+            options[n] = fp()
+    uses_timeout = any(n in ("bab", "bab-relu") for n in names)
+    fp = {"eps": header["eps"], **(extra or {})}  # in the order a message lists differences
+    fp.update({"n_total": header["n_total"], "stages": header["stages"],
+               "stage_options": options, "timeout": timeout if uses_timeout else None,
+               "dtype": str(x.dtype).replace("torch.", ""), "sound": header["sound"],
+               "radius": header["radius"], "shard": header["shard"],
+               "model": model_sha256(model), "data": data_sha})
+    return jsonable(fp)
+
+
+_LEGACY_KEYS = ("eps", "stages", "shard", "n_total", "sound", "radius", "dataset")
+
+
+def _check_resume(out_dir, path: pathlib.Path, stored: Dict[str, Any],
+                  header: Dict[str, Any]) -> None:
+    """Refuse (:class:`JournalMismatch`) to resume a journal written by a run with another
+    fingerprint; a journal of an older adcert without one is checked on what its header has,
+    then accepted with a warning."""
+    now = header["fingerprint"]
+    old = stored.get("fingerprint")
+    if isinstance(old, dict):
+        diff = differences(old, now)
+        if diff:
+            raise JournalMismatch(mismatch_message(out_dir, diff, old, now, stored, header))
+        return
+    legacy = {k: header[k] for k in _LEGACY_KEYS if k in header}
+    diff = differences(stored, legacy)
+    if diff:
+        raise JournalMismatch(mismatch_message(out_dir, diff, stored, legacy, stored, header))
+    was = stored.get("checkpoint")
+    warnings.warn(
+        f"{path}: written by an older adcert, without a fingerprint: only its eps, stages, "
+        f"shard, sample count, soundness and radius could be checked, not the model"
+        + (f" (it names checkpoint {was})" if was else "")
+        + ", the data, dtype or stage options; resuming it (use another --out to start afresh "
+          "if this is another model or setting)", RuntimeWarning, stacklevel=3)
+
+
+def _progress_bar(progress, shard: Tuple[int, int], total: int, initial: int,
+                  verdicts: List[str]):
+    """A tqdm bar over the shard's samples with the running verdict counts (``None`` when
+    ``progress`` is off)."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    counts = {v: verdicts.count(v) for v in ("certified", "attacked", "unknown")}
+    counts["misclassified"] = verdicts.count("misclassified")
+    bar = tqdm(total=total, initial=initial, desc=f"certify {shard[0]}/{shard[1]}",
+               unit="sample", file=sys.stderr if progress is True else progress,
+               dynamic_ncols=True, smoothing=0.1, postfix=counts)
+    bar.counts = counts
+    return bar
 
 
 def _finish(journal, index: int, label: int, s: Dict[str, Any], skipped: List[str],
@@ -301,5 +428,5 @@ def _finish(journal, index: int, label: int, s: Dict[str, Any], skipped: List[st
     computed.append(index)
 
 
-__all__ = ["certify", "CertifyResult", "StageUnavailable", "JournalMismatch", "parse_shard",
-           "shard_from_env"]
+__all__ = ["certify", "CertifyResult", "StageUnavailable", "JournalMismatch", "JournalLocked",
+           "CertifyInterrupted", "parse_shard", "shard_from_env"]

@@ -4,8 +4,10 @@ counts and times, ACR when the records carry certified radii.
     summary = report(["runs/a", "runs/b"])      # every journal-*-of-*.jsonl in each directory
     print(format_table(summary))
 
-The journals must agree on eps, stages, number of samples, number of shards and soundness;
-a sample index in two journals is an error naming both files. Missing samples (shards not run
+The journals must agree on eps, stages, number of samples, number of shards and soundness, and
+on their fingerprints (model, data, options, ...; :mod:`adcert.certify.fingerprint`) but for the
+shard; a sample index in two journals is an error naming both files. A sample recorded twice in
+one journal with the same verdict counts once (with a warning). Missing samples (shards not run
 or not finished) are reported as ``missing`` and the accuracies are over the ``done`` samples.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import pathlib
 from typing import Any, Dict, List, Sequence, Union
 
+from adcert.certify.fingerprint import differences
 from adcert.certify.journal import JournalError, VERDICTS, read_journal
 
 PathLike = Union[str, os.PathLike]
@@ -55,6 +58,9 @@ def report(dirs: Sequence[PathLike]) -> Dict[str, Any]:
             meta_ref, ref_file = m, f
         else:
             diff = [k for k in keys if m.get(k) != meta_ref.get(k)]
+            fp, fp_ref = m.get("fingerprint"), meta_ref.get("fingerprint")
+            if isinstance(fp, dict) and isinstance(fp_ref, dict):  # shards of one run?
+                diff += [k for k in differences(fp_ref, fp) if k != "shard" and k not in diff]
             if diff or m["shard"][1] != meta_ref["shard"][1]:
                 raise JournalError(f"{f} and {ref_file}: journals of different runs (differ in "
                                    f"{', '.join(diff) or 'number of shards'})")
