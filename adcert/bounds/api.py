@@ -15,7 +15,7 @@ from adcert.bounds.inputs import (
     Eps, check_x, check_x_for_plan, check_y, check_y_range, input_box, input_shape_error,
 )
 from adcert.bounds.plan import LayerPlan, get_plan
-from adcert.bounds.sound import sound_ibp
+from adcert.bounds.sound import sound_ibp_bounds
 from adcert.bounds.spec import margin_lower_folded, margin_lower_from_logits
 
 Tensor = torch.Tensor
@@ -82,7 +82,7 @@ def _ibp_method(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
         raise NotImplementedError("C: not supported by method 'ibp' yet")
     y = request.y
     if request.sound:  # rounding-sound plain-torch path (adcert.bounds.sound)
-        return sound_ibp(plan, mu, r, stats, y, request.relu_bounds, check_y_range)
+        return sound_ibp_bounds(plan, mu, r, stats, y, request.relu_bounds, check_y_range)
     if y is None:
         mu, r = ibp_forward(plan, mu, r, stats, request.relu_bounds, shrink)
         return mu - r, mu + r

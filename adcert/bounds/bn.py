@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from adcert.ops.reference import batch_norm_scale_shift
+from adcert.ops.bn_fold import fold_batch_norm
 
 Tensor = torch.Tensor
 BNStats = Dict[nn.Module, Tuple[Tensor, Tensor]]
@@ -42,8 +42,10 @@ def batch_stats(h: Tensor) -> Tuple[Tensor, Tensor]:
 
 def bn_scale_shift(bn: nn.Module, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
     """The batch norm as a per-channel affine map ``y = scale * x + shift`` given statistics;
-    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; both ``[C]``."""
-    return batch_norm_scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
+    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; both ``[C]``
+    (:func:`adcert.ops.bn_fold.fold_batch_norm`, exact mode: differentiable in the statistics)."""
+    fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps)
+    return fold.scale, fold.shift
 
 
 def normalise(bn: nn.Module, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:

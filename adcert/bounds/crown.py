@@ -38,21 +38,29 @@ Options (unknown ones raise ``TypeError``):
   ``alpha_out`` (a dict receiving the best ``{"alphas", "betas"}``), see
   :mod:`adcert.bounds.alpha_crown`.
 
-``sound=True`` switches to the floating-point-rigorous twin in :mod:`adcert.bounds.crown_sound`.
+``sound=True`` runs the same driver sequence (:func:`run_sound`) with the floating-point-rigorous
+pieces of :mod:`adcert.bounds.crown_sound`.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from adcert.bounds.alpha_crown import optimize_alpha, optimize_alpha_beta, signed_betas
+from adcert.bounds.crown_sound import (
+    sound_backward, sound_concretize, sound_op_boxes, widened_input,
+)
 from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import check_y_range
 from adcert.bounds.linear_relax import (
     AffineOp, Lowered, ReluOp, backward_lower, lower_plan,
 )
+from adcert.bounds.sound import strict_float_mode
+from adcert.bounds.spec import margin_spec, zero_label_entry
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -78,8 +86,7 @@ def build_spec(request, out_shape: Tuple[int, ...], x: Tensor) -> Tuple[Tensor, 
                              f"shape {(B,) + tuple(out_shape)}")
         n = out_shape[0]
         check_y_range(request.y, n)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        return eye[request.y].unsqueeze(1) - eye.unsqueeze(0), "margin"
+        return margin_spec(request.y, n, x.dtype, x.device), "margin"
     if request.C is not None:
         C = request.C
         if not isinstance(C, torch.Tensor):
@@ -92,9 +99,7 @@ def build_spec(request, out_shape: Tuple[int, ...], x: Tensor) -> Tuple[Tensor, 
                              f"{out_shape[0] if len(out_shape) == 1 else out_shape}] for a model "
                              f"with outputs [B, C_out], got {tuple(C.shape)}")
         return torch.cat([C, -C], dim=1), "C"
-    n = 1
-    for d in out_shape:
-        n *= d
+    n = math.prod(out_shape)
     eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape((n,) + tuple(out_shape))
     return torch.cat([eye, -eye], 0).unsqueeze(0).expand((B, 2 * n) + tuple(out_shape)), "box"
 
@@ -102,8 +107,7 @@ def build_spec(request, out_shape: Tuple[int, ...], x: Tensor) -> Tuple[Tensor, 
 def format_result(lb: Tensor, kind: str, request, out_shape):
     """Turn the lower bounds ``[B, S2]`` of the specification rows into compute_bounds' result."""
     if kind == "margin":
-        is_y = F.one_hot(request.y, lb.shape[1]).bool()
-        return torch.where(is_y, torch.zeros((), dtype=lb.dtype, device=lb.device), lb)
+        return zero_label_entry(lb, request.y)
     half = lb.shape[1] // 2
     lower, upper = lb[:, :half], -lb[:, half:]
     if kind == "box":
@@ -173,13 +177,6 @@ def ibp_is_exact(low: Lowered, end: int) -> bool:
         sum(1 for o in ops if not isinstance(o, ReluOp) and o.dense) <= 1
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def unstable_order(lo: Tensor, up: Tensor) -> Tuple[Tensor, int]:
     """Flat neuron indices ``[B, n_max]`` with each sample's unstable neurons first, and
     ``n_max`` = the largest per-sample unstable count (one host synchronisation)."""
@@ -194,7 +191,7 @@ def neuron_bounds(low: Lowered, end: int, idx: Tensor, shape, mu: Tensor, r: Ten
     """CROWN lower and upper bounds ``[B, n]`` of the neurons ``idx: [B, n]`` (flat indices into
     one sample's ``shape``) of the output of ``low.ops[end - 1]``."""
     B, n = idx.shape
-    A = torch.zeros((B, n, _numel(shape)), dtype=mu.dtype, device=mu.device)
+    A = torch.zeros((B, n, math.prod(shape)), dtype=mu.dtype, device=mu.device)
     A.scatter_(2, idx.unsqueeze(2), 1.0)
     A = A.reshape((B, n) + tuple(shape))
     lb = backward(low, end, torch.cat([A, -A], 1), mu, r, boxes)
@@ -215,8 +212,8 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
             lo, up = box
             shape = low.ops[at].shape
             idx, n_max = unstable_order(lo, up)
-            widest = max([_numel(low.in_shape)] + [
-                _numel(o.in_shape) if isinstance(o, AffineOp) else _numel(o.shape)
+            widest = max([math.prod(low.in_shape)] + [
+                math.prod(o.in_shape) if isinstance(o, AffineOp) else math.prod(o.shape)
                 for o in low.ops[:at]])
             chunk = max(1, max_elems // max(1, 2 * B * widest))
             lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
@@ -257,7 +254,6 @@ def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
              "alpha-crown": ALPHA_OPTIONS}[method]
     opts = parse_options(method, request.options, known, mu.device)
     if request.sound:
-        from adcert.bounds.crown_sound import run_sound
         return run_sound(plan, mu, r, stats, request, method, opts)
     certify = method != "crown-ibp"
     ctx = torch.no_grad() if certify else contextlib.nullcontext()
@@ -279,12 +275,47 @@ def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
             boxes = crown_intermediate(low, mu, r, ibp_boxes, splits, opts["max_spec_elements"])
         end = len(low.ops)
         if method == "alpha-crown":
-            from adcert.bounds.alpha_crown import optimize_alpha
             lb, _ = optimize_alpha(low, end, spec, mu, r, boxes, opts)
         else:
             lb = backward_lower(low, end, spec, mu, r, boxes)
         if certify:
             lb = torch.maximum(lb, ibp_lb)
+    if request.relu_bounds is not None:
+        request.relu_bounds.extend(boxes)
+    return format_result(lb, kind, request, low.out_shape)
+
+
+def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: dict):
+    """``compute_bounds(..., method, sound=True)`` for the CROWN family: the driver sequence of
+    :func:`run_crown_family` with the floating-point-rigorous pieces of
+    :mod:`adcert.bounds.crown_sound` (see its docstring; batch norms stay separate ops)."""
+    if mu.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"sound: needs float32 or float64 inputs and model, got {mu.dtype}")
+    with strict_float_mode(), torch.no_grad():
+        mu, r = mu.detach(), r.detach()
+        low = lower_plan(plan, stats, tuple(mu.shape[1:]), mu.dtype, mu.device, method,
+                         fold_bn=False, detach=True)
+        spec, kind = build_spec(request, low.out_shape, mu)
+        spec = spec.detach()
+        splits = check_splits(opts.get("splits"), low, mu.shape[0])
+        L, U = widened_input(mu, r)
+        outs = sound_op_boxes(low, L, U)
+        ibp_relu = [outs[low.ops[at].src] for at in low.relu_at]
+        backward = partial(sound_backward, out_boxes=outs)
+        if method == "crown-ibp":
+            boxes = [apply_split(b, None if splits is None else splits.get(k))
+                     for k, b in enumerate(ibp_relu)]
+        else:
+            boxes = crown_intermediate(low, mu, r, ibp_relu, splits,
+                                       opts["max_spec_elements"], backward)
+        end = len(low.ops)
+        alphas = betas = None
+        if method == "alpha-crown":
+            _, alphas, betas = optimize_alpha_beta(low, end, spec, mu, r, boxes, opts)
+            betas = signed_betas(betas, splits)
+        lb = backward(low, end, spec, mu, r, boxes, alphas, betas)
+        if method != "crown-ibp":
+            lb = torch.maximum(lb, sound_concretize(spec, *outs[len(low.ops) - 1]))
     if request.relu_bounds is not None:
         request.relu_bounds.extend(boxes)
     return format_result(lb, kind, request, low.out_shape)

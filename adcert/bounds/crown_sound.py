@@ -2,7 +2,12 @@
 
 The bound returned contains the bound of the REAL-arithmetic network (the model's parameters
 taken as exact numbers; batch-norm and Normalize coefficients, which the model itself computes
-with rounding, are given an interval of relative width ``gamma_c``) over the real input box.
+with rounding, are given an interval of relative width ``gamma_c``; for batch norm ``c`` is
+:data:`adcert.ops.bn_fold.EXACT_FOLD_ROUNDINGS`) over the real input box.
+
+This module holds the rigorous pieces (:func:`sound_op_boxes`, :func:`sound_backward`,
+:func:`sound_concretize`, :func:`widened_input`); :func:`adcert.bounds.crown.run_sound` runs them
+in the CROWN family's driver sequence.
 
 Scheme. ``u`` is the unit roundoff of the dtype, ``gamma_k = k u / (1 - k u)``; every error term
 below is computed in floating point, doubled (which covers its own rounding, as long as
@@ -42,27 +47,18 @@ The sound result is detached from the parameters for every method (certification
 """
 from __future__ import annotations
 
-from functools import partial
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from torch import nn
 
-from adcert.bounds.sound import down, gamma, strict_float_mode, unit_roundoff
-from adcert.bounds.linear_relax import (
-    AddOp, AffineOp, Lowered, ReluOp, lower_plan, relu_lines,
-)
+from adcert.bounds.sound import down, gamma, unit_roundoff
+from adcert.bounds.linear_relax import AddOp, AffineOp, Lowered, ReluOp, relu_lines
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _bias_map(op: AffineOp, t: Tensor, ndim: int) -> Tensor:
@@ -91,19 +87,19 @@ def pool_terms(op: AffineOp) -> Tuple[int, int]:
     """``(k, t)`` for a ``pool`` op: ``k`` bounds the inputs averaged into one output, ``t`` the
     outputs one input is averaged into (the terms of one entry of ``A P``)."""
     mod = op.pool
-    out_hw = _numel(op.out_shape[1:])
+    out_hw = math.prod(op.out_shape[1:])
     if isinstance(mod, nn.AvgPool2d):
         kh, kw = _pair(mod.kernel_size)
         sh, sw = _pair(mod.stride if mod.stride else mod.kernel_size)
         t = min(out_hw, -(-kh // sh) * -(-kw // sw))
         return kh * kw, max(1, t)
     if isinstance(mod, nn.AdaptiveAvgPool2d):
-        return _numel(op.in_shape[1:]), max(1, out_hw)
+        return math.prod(op.in_shape[1:]), max(1, out_hw)
     raise NotImplementedError(f"sound: pooling module {type(mod).__name__} is not supported with "
                               "sound=True (supported: AvgPool2d, AdaptiveAvgPool2d)")
 
 
-def sound_ibp(low: Lowered, L: Tensor, U: Tensor) -> Dict[int, Box]:
+def sound_op_boxes(low: Lowered, L: Tensor, U: Tensor) -> Dict[int, Box]:
     """Rigorous boxes ``{j: (l, u)}`` of the output of every op ``j`` of ``low`` (``-1``: the
     input box ``(L, U)``); op ``i`` reads box ``op.src`` (an :class:`AddOp` sums ``op.srcs``)."""
     outs: Dict[int, Box] = {-1: (L, U)}
@@ -169,7 +165,8 @@ def _mag(box: Box) -> Tensor:
 def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box],
                    alphas=None, betas=None, *, out_boxes: Dict[int, Box]) -> Tensor:
     """The rigorous twin of :func:`adcert.bounds.linear_relax.backward_lower` (same arguments;
-    ``out_boxes`` from :func:`sound_ibp`; the input box is ``out_boxes[-1]``, ``mu, r`` unused).
+    ``out_boxes`` from :func:`sound_op_boxes`; the input box is ``out_boxes[-1]``, ``mu, r``
+    unused).
 
     Coefficients meeting at a fork are summed with one rounded addition each, charged
     ``gamma_1 |sum| . m`` (``m`` from the fork's box). The split multipliers ``betas`` (signed,
@@ -188,7 +185,7 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
             pending[j] = A_new
             return
         total = pending[j] + A_new
-        n = _numel(total.shape[2:])
+        n = math.prod(total.shape[2:])
         err = 2 * gamma(1, dtype) * _abs_sum(total.abs() * _mag(out_boxes[j])) + 2 * n * tiny
         const = down(const - err)
         pending[j] = total
@@ -216,7 +213,7 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
             neg = A.clamp(max=0)
             A_new = A.clamp(min=0) * lo_slope + neg * slope.unsqueeze(1)
             terms = neg * icpt.unsqueeze(1)
-            n = _numel(op.shape)
+            n = math.prod(op.shape)
             c = _abs_sum(terms)
             err = 2 * (gamma(2, dtype) * _abs_sum(A_new.abs() * m_h)
                        + gamma(n + 1, dtype) * _abs_sum(terms.abs())) + 2 * n * tiny
@@ -231,7 +228,7 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
             A_new, c = op.backward(A), None
             m_h = _mag(out_boxes[op.src])
             err = (2 * gamma(t + 2, dtype) * _abs_sum(op.backward(A.abs()) * m_h)
-                   + 2 * (_numel(op.in_shape) + _numel(op.out_shape)) * (t + 2) * tiny)
+                   + 2 * (math.prod(op.in_shape) + math.prod(op.out_shape)) * (t + 2) * tiny)
         else:
             A_new = op.backward(A)
             m_h = _mag(out_boxes[op.src])
@@ -239,11 +236,11 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
             k = op.dot_length + op.coef_rel_err + 1
             err = 2 * gamma(k, dtype) * _abs_sum(op.backward(absA, op.weight.abs()) * m_h)
             c = op.bias_term(A)
-            n_in = _numel(op.in_shape)
+            n_in = math.prod(op.in_shape)
             if c is not None:
-                n = _numel(op.out_shape) + op.coef_rel_err + 1
+                n = math.prod(op.out_shape) + op.coef_rel_err + 1
                 err = err + 2 * gamma(n, dtype) * op.bias_term(absA, magnitude=True)
-            err = err + 2 * (n_in + _numel(op.out_shape)) * tiny
+            err = err + 2 * (n_in + math.prod(op.out_shape)) * tiny
         if c is not None:
             const = down(const + c)
         if err is not None:
@@ -256,45 +253,11 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
     return down(sound_concretize(A, L, U) + const)
 
 
-def _widened_input(mu: Tensor, r: Tensor) -> Box:
+def widened_input(mu: Tensor, r: Tensor) -> Box:
+    """End points containing the exact input box that ``(mu, r)`` was rounded from (the
+    centre-radius form's rounding, ``4u (|mu| + r)``)."""
     u_r = unit_roundoff(mu.dtype)
     slack = 4 * u_r * (mu.abs() + r) + torch.finfo(mu.dtype).tiny
     L = down(down(mu - r) - slack)
     U = -down(down(-(mu + r)) - slack)
     return L, U
-
-
-def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: dict):
-    """``compute_bounds(..., method, sound=True)`` for the CROWN family (see the module doc)."""
-    from adcert.bounds import crown as cr
-    if mu.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"sound: needs float32 or float64 inputs and model, got {mu.dtype}")
-    with strict_float_mode(), torch.no_grad():
-        mu, r = mu.detach(), r.detach()
-        low = lower_plan(plan, stats, tuple(mu.shape[1:]), mu.dtype, mu.device, method,
-                         fold_bn=False, detach=True)
-        spec, kind = cr.build_spec(request, low.out_shape, mu)
-        spec = spec.detach()
-        splits = cr.check_splits(opts.get("splits"), low, mu.shape[0])
-        L, U = _widened_input(mu, r)
-        outs = sound_ibp(low, L, U)
-        ibp_relu = [outs[low.ops[at].src] for at in low.relu_at]
-        backward = partial(sound_backward, out_boxes=outs)
-        if method == "crown-ibp":
-            boxes = [cr.apply_split(b, None if splits is None else splits.get(k))
-                     for k, b in enumerate(ibp_relu)]
-        else:
-            boxes = cr.crown_intermediate(low, mu, r, ibp_relu, splits,
-                                          opts["max_spec_elements"], backward)
-        end = len(low.ops)
-        alphas = betas = None
-        if method == "alpha-crown":
-            from adcert.bounds.alpha_crown import optimize_alpha_beta, signed_betas
-            _, alphas, betas = optimize_alpha_beta(low, end, spec, mu, r, boxes, opts)
-            betas = signed_betas(betas, splits)
-        lb = backward(low, end, spec, mu, r, boxes, alphas, betas)
-        if method != "crown-ibp":
-            lb = torch.maximum(lb, sound_concretize(spec, *outs[len(low.ops) - 1]))
-    if request.relu_bounds is not None:
-        request.relu_bounds.extend(boxes)
-    return cr.format_result(lb, kind, request, low.out_shape)

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from adcert import ops
-from adcert.bounds import bn as bnlib
 from adcert.bounds.plan import (
     AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
     ReshapeStep, ResidualStep, Step,
 )
+from adcert.ops.bn_fold import fold_batch_norm
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -195,12 +195,12 @@ def ibp_forward(plan: LayerPlan, mu: Tensor, r: Tensor, stats: Stats,
 def effective_linear(step: AffineStep, stats: Stats) -> Tuple[Tensor, Tensor]:
     """A final ``Linear`` (+ batch norm) step as one affine map ``z = W h + b``;
     ``W: [C, K]``, ``b: [C]`` (the batch norm folded in with its resolved statistics)."""
-    layer = step.layer
+    layer, bn = step.layer, step.bn
+    if bn is not None:
+        mean, var = stats[bn]
+        fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps, layer_weight=layer.weight,
+                               layer_bias=layer.bias)
+        return fold.weight, fold.shift
     weight = layer.weight
     bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
-    if step.bn is not None:
-        mean, var = stats[step.bn]
-        scale, shift = bnlib.bn_scale_shift(step.bn, mean, var)
-        weight = weight * scale[:, None]
-        bias = bias * scale + shift
     return weight, bias

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adcert.bounds import bn as bnlib
 from adcert.bounds.ibp import conv_padding
 from adcert.bounds.plan import (
     AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
     ReshapeStep, ResidualStep,
 )
+from adcert.ops.bn_fold import EXACT_FOLD_ROUNDINGS, exact_shift_magnitude, fold_batch_norm
 
 Tensor = torch.Tensor
 
@@ -252,11 +252,13 @@ def lower_plan(plan: LayerPlan, stats, in_shape: Tuple[int, ...], dtype, device,
         append(ReluOp(len(relu_at) - 1, shape, src=cur))
 
     def bn_op(bn) -> AffineOp:
+        # exact-mode coefficients; the sound mode (fold_bn=False) charges their rounding as
+        # EXACT_FOLD_ROUNDINGS (see adcert.ops.bn_fold)
         mean, var = stats[bn]
-        scale, shift = bnlib.bn_scale_shift(bn, mean, var)
-        mag = (mean * scale).abs() + (bn.bias.abs() if bn.bias is not None else 0.0)
-        return AffineOp("channel", _detach(scale, detach), _detach(shift, detach),
-                        bias_mag=_detach(mag, detach), coef_rel_err=6)
+        fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps)
+        mag = exact_shift_magnitude(mean, fold.scale, bn.bias)
+        return AffineOp("channel", _detach(fold.scale, detach), _detach(fold.shift, detach),
+                        bias_mag=_detach(mag, detach), coef_rel_err=EXACT_FOLD_ROUNDINGS)
 
     def add_residual(step: ResidualStep) -> None:
         nonlocal shape, probe, cur
@@ -304,10 +306,11 @@ def lower_plan(plan: LayerPlan, stats, in_shape: Tuple[int, ...], dtype, device,
                               padding=conv_padding(layer), dilation=tuple(layer.dilation),
                               groups=layer.groups)
             if step.bn is not None and fold_bn:
-                bnop = bn_op(step.bn)
-                s = bnop.weight
-                op.weight = w * (s[:, None] if op.kind == "linear" else s[:, None, None, None])
-                op.bias = bnop.bias + (b * s if b is not None else 0.0)
+                bn = step.bn
+                mean, var = stats[bn]
+                fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps, layer_weight=w,
+                                       layer_bias=b)
+                op.weight, op.bias = _detach(fold.weight, detach), _detach(fold.shift, detach)
                 add_affine(op)
             else:
                 add_affine(op)

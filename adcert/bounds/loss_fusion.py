@@ -52,7 +52,7 @@ from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import Eps, check_x, check_x_for_plan, check_y, check_y_range, input_box
 from adcert.bounds.linear_relax import backward_lower, lower_plan
 from adcert.bounds.plan import get_plan
-from adcert.bounds.spec import fold_margin_spec
+from adcert.bounds.spec import fold_margin_spec, margin_spec, zero_label_entry
 from adcert.ops._checks import value_checks
 
 Tensor = torch.Tensor
@@ -93,13 +93,10 @@ def _margin_boxes(plan, mu: Tensor, r: Tensor, stats, y: Tensor, n: int,
         A, const = -w_spec, -b_spec                                    # [B, n, K], [B, n]
     else:
         h_mu, h_r = ibp_steps(plan.steps, mu, r, stats, relu_boxes)
-        eye = torch.eye(n, dtype=mu.dtype, device=mu.device)
-        A, const = eye.unsqueeze(0) - eye[y].unsqueeze(1), 0.0
+        A, const = -margin_spec(y, n, mu.dtype, mu.device), 0.0        # rows e_i - e_y
     centre = torch.einsum("bnk,bk->bn", A, h_mu) + const
     radius = torch.einsum("bnk,bk->bn", A.abs(), h_r)
-    is_y = F.one_hot(y, n).bool()
-    zero = centre.new_zeros(())
-    return (torch.where(is_y, zero, centre - radius), torch.where(is_y, zero, centre + radius))
+    return zero_label_entry(centre - radius, y), zero_label_entry(centre + radius, y)
 
 
 def crown_ibp_ce_upper(model: nn.Module, x: Tensor, eps: Optional[Eps], y: Tensor,

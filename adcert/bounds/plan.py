@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Type, Union
+from functools import partial
+from typing import Callable, List, Optional, Tuple, Type, Union
 
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
@@ -194,7 +195,7 @@ def _first_layer(steps) -> Optional[nn.Module]:
 # engine never calls the modules, so a different forward would be silently mis-bounded.
 _AFFINE: Tuple[Type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 _BATCH_NORM: Tuple[Type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
-_SKIPPED: Tuple[Type[nn.Module], ...] = (nn.Identity, _DropoutNd)
+SKIPPED_MODULES: Tuple[Type[nn.Module], ...] = (nn.Identity, _DropoutNd)  # identity for bounds
 SUPPORTED_MODULES: Tuple[Type[nn.Module], ...] = (
     nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, Normalize,
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -212,12 +213,33 @@ def _unsupported(module: nn.Module, index: int, why: str = "") -> NotImplemented
         f"compute_bounds{extra}; supported modules: {_supported_names()}")
 
 
-def _base_class(module: nn.Module) -> Optional[Type[nn.Module]]:
-    """The supported class ``module`` is an instance of, provided it keeps that class's forward."""
-    for cls in SUPPORTED_MODULES + (_DropoutNd,):
+def supported_class(module: nn.Module, extra: Tuple[Type[nn.Module], ...] = ()
+                    ) -> Optional[Type[nn.Module]]:
+    """The supported class ``module`` is an instance of, provided it keeps that class's forward;
+    ``extra``: more accepted classes (the traced path's pooling layers)."""
+    for cls in SUPPORTED_MODULES + (_DropoutNd,) + tuple(extra):
         if isinstance(module, cls) and type(module).forward is cls.forward:
             return cls
     return None
+
+
+def check_leaf(module: nn.Module, refuse: Callable[[str], Exception],
+               extra: Tuple[Type[nn.Module], ...] = ()) -> None:
+    """Refuse a leaf module the engine could silently get wrong: not of a supported class (or a
+    subclass with its own forward, see :func:`supported_class`; ``extra`` as there), with
+    forward hooks, or a ``Conv2d`` with a padding the engine does not implement. Raises
+    ``refuse(why)`` (``why`` is ``""`` for an unsupported class), so each caller words its own
+    error; used by :func:`build_plan` and by :mod:`adcert.bounds.trace`."""
+    if supported_class(module, extra) is None:
+        raise refuse("")
+    if module._forward_pre_hooks or module._forward_hooks:  # noqa: SLF001
+        raise refuse("it has forward hooks, which compute_bounds would ignore (e.g. "
+                     "weight_norm/pruning); remove them")
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise refuse(f"padding_mode={module.padding_mode!r}; only 'zeros' is supported")
+        if isinstance(module.padding, str) and module.padding not in ("valid", "same"):
+            raise refuse(f"padding={module.padding!r}")
 
 
 def flatten_modules(model: nn.Module) -> Tuple[nn.Module, ...]:
@@ -236,18 +258,8 @@ def flatten_modules(model: nn.Module) -> Tuple[nn.Module, ...]:
 
 
 def _check_module(module: nn.Module, index: int) -> None:
-    """Refuse what the engine could silently get wrong."""
-    if _base_class(module) is None:
-        raise _unsupported(module, index)
-    if module._forward_pre_hooks or module._forward_hooks:  # noqa: SLF001
-        raise _unsupported(module, index, "it has forward hooks, which compute_bounds would "
-                                          "ignore (e.g. weight_norm/pruning); remove them")
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            raise _unsupported(module, index, f"padding_mode={module.padding_mode!r}; "
-                                              "only 'zeros' is supported")
-        if isinstance(module.padding, str) and module.padding not in ("valid", "same"):
-            raise _unsupported(module, index, f"padding={module.padding!r}")
+    """:func:`check_leaf` for module ``index`` of a Sequential model."""
+    check_leaf(module, partial(_unsupported, module, index))
 
 
 def _is(module: nn.Module, classes: Tuple[Type[nn.Module], ...]) -> bool:
@@ -262,7 +274,7 @@ def build_plan(model: nn.Module) -> LayerPlan:
     modules = flatten_modules(model)
     for i, m in enumerate(modules):
         _check_module(m, i)
-    kept = [m for m in modules if not _is(m, _SKIPPED)]
+    kept = [m for m in modules if not _is(m, SKIPPED_MODULES)]
     return LayerPlan(modules=modules, steps=tuple(fuse_modules(kept)))
 
 
@@ -324,8 +336,8 @@ def _is_plain_sequential(model: nn.Module, modules: Tuple[nn.Module, ...]) -> bo
     """Whether ``model`` takes the Sequential fast path: a plain ``nn.Sequential`` (or a lone
     supported leaf) whose flattened modules are all supported leaf modules."""
     plain = isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
-    leaf = modules == (model,) and _base_class(model) is not None
-    return (plain or leaf) and all(_base_class(m) is not None for m in modules)
+    leaf = modules == (model,) and supported_class(model) is not None
+    return (plain or leaf) and all(supported_class(m) is not None for m in modules)
 
 
 def _check_hooks(modules) -> None:

@@ -27,7 +27,8 @@ covers flush-to-zero):
   where ``eps_w`` bounds the relative error of the computed folded weights against the exact ones
   (``gamma_8`` when a batch norm is folded: ``s`` takes <= 3 roundings, the product one more, with
   slack for a non-correctly-rounded sqrt/division; 0 otherwise) and ``E_b`` bounds the error of
-  the computed folded bias (``gamma_10 ((|b| + |mean|) |s| + |beta|)``). The factor 2 absorbs the
+  the computed folded bias (``gamma_10 ((|b| + |mean|) |s| + |beta|)``); both come with the fold,
+  :func:`adcert.ops.bn_fold.fold_batch_norm` with ``sound=True``. The factor 2 absorbs the
   rounding of computing ``e`` and ``mag`` themselves (all terms non-negative, each off by at most
   a factor ``(1 - gamma)``). Then ``t = up(rad + e)``, ``L' = down(cen - t)``,
   ``U' = up(cen + t)``.
@@ -65,6 +66,9 @@ from adcert.bounds.plan import (
     AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
     ReshapeStep, ResidualStep,
 )
+from adcert.bounds.spec import fold_margin_spec, zero_label_entry
+from adcert.ops._rounding import gamma, unit_roundoff  # noqa: F401  (re-exported)
+from adcert.ops.bn_fold import fold_batch_norm
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -92,18 +96,6 @@ def strict_float_mode():
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps / 2
-
-
-def gamma(k: int, dtype: torch.dtype) -> float:
-    """``gamma_k = k u / (1 - k u)`` for the dtype's unit roundoff ``u``."""
-    ku = k * unit_roundoff(dtype)
-    if ku >= 0.5:
-        raise ValueError(f"sound: a dot product of {k} terms is too long for {dtype} (k u >= 1/2)")
-    return ku / (1 - ku)
 
 
 def down(t: Tensor) -> Tensor:
@@ -149,33 +141,20 @@ def _chan(t: Tensor, ref: Tensor) -> Tensor:
     return t.reshape((1, -1) + (1,) * (ref.dim() - 2))
 
 
-def bn_fold_terms(bn: nn.Module, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``s = gamma / sqrt(var + eps)``, ``beta``, and the magnitude ``|beta|`` (all ``[C]``),
-    computed with IEEE sqrt and division (not rsqrt)."""
-    s = torch.sqrt(var + bn.eps)
-    s = (bn.weight / s) if bn.weight is not None else 1.0 / s
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(s)
-    return s, beta, beta.abs()
-
-
 def folded_layer(step: AffineStep, stats) -> Tuple[Tensor, Optional[Tensor], float,
                                                     Optional[Tensor]]:
-    """The step's weight/bias with its batch norm folded in:
-    ``(W', b', eps_w, E_b)``; ``E_b`` ``[C_out]`` bounds ``|b'_computed - b'_exact|``."""
+    """The step's weight/bias with its batch norm folded in (the sound fold,
+    :func:`adcert.ops.bn_fold.fold_batch_norm`): ``(W', b', eps_w, E_b)``; ``E_b`` ``[C_out]``
+    bounds ``|b'_computed - b'_exact|``."""
     layer = step.layer
     w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
     if step.bn is None:
         return w, b, 0.0, None
-    mean, var = (t.detach() for t in stats[step.bn])
-    s, beta, beta_abs = bn_fold_terms(step.bn, mean, var)
-    s, beta, beta_abs = s.detach(), beta.detach(), beta_abs.detach()
-    view = (-1,) + (1,) * (w.dim() - 1)
-    w_f = w * s.reshape(view)
-    b0 = b if b is not None else torch.zeros_like(s)
-    b_f = (b0 - mean) * s + beta
-    dtype = w.dtype
-    err = gamma(10, dtype) * ((b0.abs() + mean.abs()) * s.abs() + beta_abs)
-    return w_f, b_f, gamma(8, dtype), err
+    bn = step.bn
+    mean, var = stats[bn]
+    fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps, layer_weight=w, layer_bias=b,
+                           sound=True)
+    return fold.weight, fold.shift, fold.rel_err, fold.shift_err
 
 
 def _sound_affine(step: AffineStep, L: Tensor, U: Tensor, stats) -> Box:
@@ -210,18 +189,16 @@ def _sound_affine(step: AffineStep, L: Tensor, U: Tensor, stats) -> Box:
 
 
 def _sound_batch_norm(step: BatchNormStep, L: Tensor, U: Tensor, stats) -> Box:
-    mean, var = (t.detach() for t in stats[step.bn])
-    s, beta, beta_abs = bn_fold_terms(step.bn, mean, var)
-    s, beta = s.detach(), beta.detach()
-    shift = beta - mean * s
+    bn = step.bn
+    mean, var = stats[bn]
+    fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps, sound=True)
     c, rho = centre_radius(L, U)
-    sv = _chan(s, c)
-    cen = sv * c + _chan(shift, c)
+    sv = _chan(fold.scale, c)
+    cen = sv * c + _chan(fold.shift, c)
     rad = sv.abs() * rho
     mag = sv.abs() * (c.abs() + rho)
-    err = gamma(10, c.dtype) * (mean.abs() * s.abs() + beta_abs.detach())
-    return _widen_affine(cen, rad, mag, _chan(shift.abs(), c), _chan(err, c), 1,
-                         gamma(8, c.dtype), c.dtype)
+    return _widen_affine(cen, rad, mag, _chan(fold.shift.abs(), c), _chan(fold.shift_err, c), 1,
+                         fold.rel_err, c.dtype)
 
 
 def _sound_normalize(step: NormalizeStep, L: Tensor, U: Tensor, stats) -> Box:
@@ -313,8 +290,7 @@ def sound_margins_folded(step: AffineStep, L: Tensor, U: Tensor, stats, y: Tenso
     if b_err is None:
         b_err = torch.zeros_like(b)
     dtype = L.dtype
-    ws = w[y].unsqueeze(1) - w.unsqueeze(0)  # [B, C, K]
-    bs = b[y].unsqueeze(1) - b.unsqueeze(0)  # [B, C]
+    ws, bs = fold_margin_spec(w, b, y)  # [B, C, K], [B, C]
     w_err = gamma(2, dtype) * ws.abs()
     if rel_w:
         w_err = w_err + rel_w * (w[y].abs().unsqueeze(1) + w.abs().unsqueeze(0))
@@ -326,20 +302,15 @@ def sound_margins_folded(step: AffineStep, L: Tensor, U: Tensor, stats, y: Tenso
     mag = torch.einsum("bck,bk->bc", ws.abs(), a)
     emag = torch.einsum("bck,bk->bc", w_err, a)
     lo, _ = _widen_affine(cen, rad, mag, bs.abs(), b_errs + emag, int(w.shape[1]), 0.0, dtype)
-    return _zero_y(lo, y)
-
-
-def _zero_y(m: Tensor, y: Tensor) -> Tensor:
-    is_y = torch.arange(m.shape[1], device=m.device).unsqueeze(0) == y.unsqueeze(1)
-    return torch.where(is_y, torch.zeros((), dtype=m.dtype, device=m.device), m)
+    return zero_label_entry(lo, y)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def sound_ibp(plan: LayerPlan, mu: Tensor, r: Tensor, stats, y: Optional[Tensor] = None,
-              relu_bounds: Optional[List[Box]] = None,
-              check_y_range: Optional[Callable[[Tensor, int], None]] = None):
+def sound_ibp_bounds(plan: LayerPlan, mu: Tensor, r: Tensor, stats, y: Optional[Tensor] = None,
+                     relu_bounds: Optional[List[Box]] = None,
+                     check_y_range: Optional[Callable[[Tensor, int], None]] = None):
     """Rounding-sound IBP over ``plan`` for the input box ``(mu, r): [B, *in]``.
 
     Returns ``(lb, ub)`` of the outputs, or with ``y: [B]`` the margin lower bounds ``[B, C]``
@@ -365,4 +336,4 @@ def sound_ibp(plan: LayerPlan, mu: Tensor, r: Tensor, stats, y: Optional[Tensor]
                              f"shape {tuple(L.shape)}")
         if check_y_range is not None:
             check_y_range(y, L.shape[1])
-        return _zero_y(down(L.gather(1, y[:, None]) - U), y)
+        return zero_label_entry(down(L.gather(1, y[:, None]) - U), y)

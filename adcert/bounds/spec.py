@@ -17,18 +17,31 @@ import torch
 Tensor = torch.Tensor
 
 
-def _zero_label_entry(margins: Tensor, y: Tensor) -> Tensor:
+def zero_label_entry(margins: Tensor, y: Tensor) -> Tensor:
+    """``margins: [B, C]`` with the entry ``[b, y_b]`` of every row set to exactly 0."""
     classes = torch.arange(margins.shape[1], device=margins.device)
     is_y = classes.unsqueeze(0) == y.unsqueeze(1)
     return torch.where(is_y, torch.zeros((), dtype=margins.dtype, device=margins.device), margins)
+
+
+def margin_rows(t: Tensor, y: Tensor) -> Tensor:
+    """``out[b, i] = t[y_b] - t[i]`` for ``t: [C, *]``, ``y: [B]`` -> ``[B, C, *]`` (the
+    ``y`` row is exactly zero): the margin specification applied to ``t``'s rows."""
+    return t[y].unsqueeze(1) - t.unsqueeze(0)
+
+
+def margin_spec(y: Tensor, n: int, dtype: torch.dtype, device) -> Tensor:
+    """The margin specification ``[B, n, n]``: row ``i`` of sample ``b`` is ``e_{y_b} - e_i``, so
+    that ``spec[b] @ z = z_{y_b} - z`` for logits ``z: [n]``."""
+    return margin_rows(torch.eye(n, dtype=dtype, device=device), y)
 
 
 def fold_margin_spec(weight: Tensor, bias: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-sample margin layer: ``W_spec[b, i] = W[y_b] - W[i]``, ``b_spec[b, i] = b[y_b] - b[i]``.
 
     ``weight: [C, K]``, ``bias: [C]``, ``y: [B]`` -> ``W_spec: [B, C, K]``, ``b_spec: [B, C]``
-    (the ``y`` row is exactly zero)."""
-    return weight[y].unsqueeze(1) - weight.unsqueeze(0), bias[y].unsqueeze(1) - bias.unsqueeze(0)
+    (the ``y`` row is exactly zero); :func:`margin_spec` folded into the layer."""
+    return margin_rows(weight, y), margin_rows(bias, y)
 
 
 def margin_lower_folded(mu: Tensor, r: Tensor, weight: Tensor, bias: Tensor, y: Tensor) -> Tensor:
@@ -37,11 +50,11 @@ def margin_lower_folded(mu: Tensor, r: Tensor, weight: Tensor, bias: Tensor, y: 
     w_spec, b_spec = fold_margin_spec(weight, bias, y)
     centre = torch.einsum("bck,bk->bc", w_spec, mu) + b_spec
     radius = torch.einsum("bck,bk->bc", w_spec.abs(), r)
-    return _zero_label_entry(centre - radius, y)
+    return zero_label_entry(centre - radius, y)
 
 
 def margin_lower_from_logits(mu: Tensor, r: Tensor, y: Tensor) -> Tensor:
     """Lower bounds ``[B, C]`` of ``z_y - z_i`` from a logit box ``(mu, r): [B, C]``:
     ``lb_y - ub_i``; the ``y`` entry is 0."""
     lower_y = (mu - r).gather(1, y[:, None])
-    return _zero_label_entry(lower_y - (mu + r), y)
+    return zero_label_entry(lower_y - (mu + r), y)

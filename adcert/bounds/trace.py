@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -35,7 +36,7 @@ from adcert.bounds import plan as P
 from adcert.models.normalize import Normalize
 
 _POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_LEAVES = P.SUPPORTED_MODULES + _POOLS + (P._DropoutNd,)  # noqa: SLF001
+_LEAVES = P.SUPPORTED_MODULES + _POOLS + P.SKIPPED_MODULES
 
 SUPPORTED_FUNCTIONS = ("F.relu", "torch.relu", ".relu()", "+ / torch.add (residual add)",
                        "torch.flatten", ".flatten()", ".view()", ".reshape()", "F.avg_pool2d",
@@ -191,18 +192,11 @@ class _Converter:
     def call_module(self, node: fx.Node) -> None:
         module = self.gm.get_submodule(node.target)
         what = f"module {node.target!r} of type {type(module).__name__}"
-        if P._base_class(module) is None and not (  # noqa: SLF001
-                isinstance(module, _POOLS) and type(module).forward in
-                (nn.AvgPool2d.forward, nn.AdaptiveAvgPool2d.forward)):
-            raise _unsupported(what)
-        if module._forward_pre_hooks or module._forward_hooks:  # noqa: SLF001
-            raise _unsupported(what, "it has forward hooks, which compute_bounds would ignore")
-        if isinstance(module, nn.Conv2d):
-            P._check_module(module, 0)  # noqa: SLF001  (padding mode checks)
+        P.check_leaf(module, partial(_unsupported, what), extra=_POOLS)
         if len(node.args) != 1 or node.kwargs:
             raise _unsupported(what, "called with more than one argument")
         t = self.thread(node.args[0], what)
-        if not isinstance(module, P._SKIPPED):  # noqa: SLF001
+        if not isinstance(module, P.SKIPPED_MODULES):
             t.items.append(P.AvgPoolStep(module) if isinstance(module, _POOLS) else module)
         self.set(node, t)
 

@@ -12,7 +12,8 @@ Triton epilogue); convolutions are two cuDNN calls (``F.conv2d`` forward,
 (``kernels/interval_bn_relu.py``); the interval ReLU is ``kernels/interval_relu.py``.
 
 Folding the fused op's bias and batch norm into one per-channel affine map ``scale * x + shift``
-(DESIGN.md section 3; no BN: ``scale = 1``, ``shift = bias``)::
+(DESIGN.md section 3; :func:`adcert.ops.bn_fold.fold_batch_norm`; no BN: ``scale = 1``,
+``shift = bias``)::
 
     inv = rsqrt(bn_var + bn_eps)     scale = bn_weight * inv
     shift = scale * (bias - bn_mean) + bn_bias
@@ -47,6 +48,8 @@ except ImportError:  # a source checkout on sys.path, without the package mappin
     from kernels import interval_linear as _linear  # type: ignore[no-redef]
     from kernels import interval_relu as _relu  # type: ignore[no-redef]
 
+from adcert.ops.bn_fold import fold_batch_norm
+
 Tensor = torch.Tensor
 
 
@@ -63,17 +66,19 @@ def _allow_tf32() -> bool:
 def _fold(bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps: float, dtype: torch.dtype):
     """The bias and batch norm as one per-channel affine map: ``(scale, shift, inv, centre)``,
     all ``[C]`` in the accumulation dtype (``scale, inv, centre`` are ``None`` without BN;
-    ``shift`` is ``bias`` or ``None`` then). ``centre = bias - bn_mean``."""
+    ``shift`` is ``bias`` or ``None`` then): :func:`adcert.ops.bn_fold.fold_batch_norm`, plus
+    ``centre = bias - bn_mean`` for the gradients."""
     if bn_mean is None:
         return None, bias, None, None
     acc = _acc_dtype(dtype)
-    inv = torch.rsqrt(bn_var.to(acc) + bn_eps)
-    scale = inv * bn_weight.to(acc) if bn_weight is not None else inv
-    centre = -bn_mean.to(acc) if bias is None else bias.to(acc) - bn_mean.to(acc)
-    shift = scale * centre
-    if bn_bias is not None:
-        shift = shift + bn_bias.to(acc)
-    return scale, shift, inv, centre
+
+    def cast(t):
+        return None if t is None else t.to(acc)
+    mean = cast(bn_mean)
+    fold = fold_batch_norm(mean, cast(bn_var), cast(bn_weight), cast(bn_bias), bn_eps,
+                           layer_bias=cast(bias))
+    centre = -mean if bias is None else cast(bias) - mean
+    return fold.scale, fold.shift, fold.inv, centre
 
 
 def _param_grads(sums, bias, bn_mean, bn_weight, bn_bias, scale, inv, centre):

@@ -22,6 +22,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from adcert.ops.bn_fold import fold_batch_norm
+
 Tensor = torch.Tensor
 IntPair = Union[int, Tuple[int, int]]
 
@@ -41,18 +43,6 @@ def interval_conv2d(mu: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor
     return out_mu, out_r
 
 
-def batch_norm_scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                           bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
-    """The affine map of an eval-mode batch norm, ``y = scale * x + shift``; both ``[C]``."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
-
-
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
     """Reshape a per-channel ``[C]`` tensor to broadcast against ``[B, C, *spatial]``."""
     return t.reshape((1, -1) + (1,) * (ndim - 2))
@@ -63,8 +53,8 @@ def interval_batch_norm(mu: Tensor, r: Tensor, mean: Tensor, var: Tensor,
                         ) -> Tuple[Tensor, Tensor]:
     """Batch norm with caller-supplied statistics: ``(s (mu - mean) + beta, |s| r)``,
     ``s = weight / sqrt(var + eps)``."""
-    scale, shift = batch_norm_scale_shift(mean, var, weight, bias, eps)
-    scale_v, shift_v = _channel_view(scale, mu.dim()), _channel_view(shift, mu.dim())
+    fold = fold_batch_norm(mean, var, weight, bias, eps)
+    scale_v, shift_v = _channel_view(fold.scale, mu.dim()), _channel_view(fold.shift, mu.dim())
     return mu * scale_v + shift_v, r * scale_v.abs()
 
 
