@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import io
 import json
+import pathlib
 import pickle
 import re
 
@@ -165,10 +167,17 @@ def test_cli_without_abcrown_exits_2_naming_the_option_and_variable(tmp_path, mo
 # Follows abcrown's interface: ``--config CFG`` (YAML), a one-column instance CSV, the model from
 # the config's ``Customized(file, fn, **kw)`` loader, counterexamples through ``attack.adv_saver``
 # and per-instance results pickled to ``general.results_file``. What it claims per instance comes
-# from $FAKE_PLAN (a JSON list: "safe", "unknown", "crash", or ["unsafe-pgd", "mid"|"adv"|"far"]).
+# from $FAKE_PLAN (a JSON list: "safe", "unknown", "crash", or ["unsafe-pgd", "mid"|"adv"|"far"]);
+# $FAKE_RUNS, when set, gives each successive run (batch) its own {"plan": [...], "bab": ...}:
+# "bab": "tensor" stores branch-and-bound bounds as torch tensors in the results pickle, as the
+# real abcrown does; "evil" stores an object whose unpickling would create $FAKE_MARKER.
 FAKE = r'''
 import functools, importlib.util, json, os, pickle, re, sys
 import torch, yaml
+
+class Evil:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["FAKE_MARKER"],))
 
 def Customized(def_file, name, *args, **kwargs):
     spec = importlib.util.spec_from_file_location("customized", def_file)
@@ -181,7 +190,13 @@ g = cfg["general"]
 model = eval(cfg["model"]["name"])()
 saver = eval(cfg["attack"]["adv_saver"])
 specs = [l.strip() for l in open(g["csv_name"]) if l.strip()]
-plan = json.loads(os.environ["FAKE_PLAN"])
+counter = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs.txt")
+run_no = int(open(counter).read()) if os.path.exists(counter) else 0
+open(counter, "w").write(str(run_no + 1))
+this = json.loads(os.environ.get("FAKE_RUNS") or "null")
+this = this[run_no] if this else {}
+plan = this.get("plan") or json.loads(os.environ["FAKE_PLAN"])
+bab = this.get("bab")
 log, results = [], []
 for k, path in enumerate(specs):
     text = open(path).read()
@@ -205,8 +220,11 @@ for k, path in enumerate(specs):
         saver(pt[what[1]], model(pt[what[1]].to(mid.dtype)), g.get("results_file") + ".cex")
         what = what[0]
     results.append([what, 0.5 + k])
+    bab_ret = ([[i, torch.tensor([-0.5, 1.25]), torch.zeros(3, 2, dtype=torch.float64).t()]
+                for i in range(len(results))] if bab == "tensor" else
+               [Evil()] if bab == "evil" else [])
     with open(g["results_file"], "wb") as f:
-        pickle.dump({"summary": {}, "results": results, "bab_ret": []}, f)
+        pickle.dump({"summary": {}, "results": results, "bab_ret": bab_ret}, f)
 json.dump(log, open(os.path.join(os.path.dirname(g["results_file"]), "fake_log.json"), "w"))
 '''
 
@@ -218,9 +236,11 @@ def fake_abcrown(tmp_path, monkeypatch):
     script.write_text(FAKE)
     monkeypatch.delenv(ENV_VAR, raising=False)
 
-    def plan(items, adv=None):
+    def plan(items, adv=None, runs=None):
         monkeypatch.setenv("FAKE_PLAN", json.dumps(items))
         monkeypatch.setenv("FAKE_ADV", json.dumps(adv or []))
+        monkeypatch.setenv("FAKE_RUNS", json.dumps(runs) if runs else "")
+        monkeypatch.setenv("FAKE_MARKER", str(tmp_path / "EXECUTED"))
     return script, plan
 
 
@@ -303,6 +323,9 @@ def test_pipeline_with_the_stage_journals_abcrown_verdicts_and_resumes(tmp_path,
     a = torch.load(tmp_path / "out" / recs[1]["adv"])
     assert in_box(a, x[1], EPS) and predict(net, a[None])[0] != y[1]
     assert all(recs[i]["stage_times"]["abcrown"] > 0 for i in (0, 1, 3))
+    # each sample's own time: abcrown's seconds per instance (0.5, 1.5, 2.5), not a batch mean
+    t = [recs[i]["stage_times"]["abcrown"] for i in (0, 1, 3)]
+    assert t[0] < t[1] < t[2]
     meta = read_journal(tmp_path / "out" / journal_name(0, 1)).meta
     assert meta["stages"] == ["clean", "abcrown"]
     summary = report([tmp_path / "out"])
@@ -408,3 +431,174 @@ def test_cli_rejects_a_bad_abcrown_config(tmp_path, fake_abcrown, capsys):
                  "digits", "--verifier", "abcrown", "--abcrown", str(script),
                  "--abcrown-config", str(tmp_path / "ab.yaml"), "--out", str(tmp_path / "o")])
     assert code == 2 and "--abcrown-config" in capsys.readouterr().err
+
+
+# ----------------------------------------------------- issue 15: abcrown after our own stages
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_results_with_tensors_are_read_and_anything_else_is_refused(tmp_path):
+    """abcrown's branch-and-bound pickles its bounds as torch tensors: plain tensors load (as
+    CPU tensors, nothing else runs); every other global is refused, also inside a tensor's
+    nested storage record."""
+    from adcert.certify.abcrown import load_results
+
+    a = torch.tensor([-0.5, 1.25], requires_grad=True)
+    b = torch.arange(6, dtype=torch.float64).reshape(2, 3).t()           # not contiguous
+    bab_ret = [[0, a, 3], [1, b, collections.OrderedDict(lb=torch.tensor(2))]]
+    with open(tmp_path / "t.pkl", "wb") as f:
+        pickle.dump({"summary": collections.defaultdict(list, {"safe": [0]}),
+                     "results": [["safe", 1.5], ["unknown", 2]], "bab_ret": bab_ret}, f)
+    assert read_results(tmp_path / "t.pkl") == [("safe", 1.5), ("unknown", 2.0)]
+    back = load_results(tmp_path / "t.pkl")["bab_ret"]
+    assert torch.equal(back[0][1], a.detach()) and not back[0][1].requires_grad
+    assert torch.equal(back[1][1], b) and back[1][1].stride() == b.stride()
+    assert back[1][2]["lb"].item() == 2
+    marker = tmp_path / "EXECUTED"
+    with open(tmp_path / "evil.pkl", "wb") as f:                      # a forbidden global
+        pickle.dump({"results": [["safe", 1.0]], "bab_ret": [_Evil(marker)]}, f)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load posix\.mkdir"):
+        read_results(tmp_path / "evil.pkl")
+    # a tensor whose nested storage record names a forbidden global (torch's own
+    # _load_from_bytes would run it: it reads that record with weights_only=False)
+    buf = io.BytesIO()
+    torch.save(_Evil(marker), buf, _use_new_zipfile_serialization=False)  # the legacy record
+    nested = buf.getvalue()
+
+    class FakeTensor:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2,
+                    (_LoadFromBytes(nested), 0, (1,), (1,), False, collections.OrderedDict()))
+    with open(tmp_path / "nested.pkl", "wb") as f:
+        pickle.dump({"results": [["safe", 1.0]], "bab_ret": [FakeTensor()]}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing a tensor storage.*mkdir"):
+        read_results(tmp_path / "nested.pkl")
+    assert not marker.exists()                                        # nothing ran
+    with open(tmp_path / "old.pkl", "wb") as f:                       # older abcrown versions
+        pickle.dump({"results": ["safe", "unknown"], "time": [1.0, 2.0]}, f)
+    assert read_results(tmp_path / "old.pkl") == [("safe", 1.0), ("unknown", 2.0)]
+
+
+class _LoadFromBytes:
+    """Pickles as ``torch.storage._load_from_bytes(data)``, as a tensor's storage does."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
+
+
+def test_a_batch_with_unreadable_results_is_recorded_per_sample_and_the_run_goes_on(
+        tmp_path, fake_abcrown):
+    script, plan = fake_abcrown
+    net = toy_net()
+    x = torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y = predict(net, x)
+    # batch 1: abcrown's BaB bounds as tensors (readable); batch 2: a forbidden object in the
+    # results file; batch 3: abcrown crashes (after a batch has run: recorded, not raised)
+    plan([], runs=[{"plan": ["safe"], "bab": "tensor"}, {"plan": ["safe"], "bab": "evil"},
+                   {"plan": ["crash"]}])
+    stage = AbcrownStage(script, timeout=5, workdir=tmp_path / "work")
+    with pytest.warns(RuntimeWarning, match="batch of 1 samples failed"):
+        res = certify(net, x, y, EPS, stages=[stage], out_dir=tmp_path / "out", batch_size=1)
+    recs = res.records
+    assert [recs[i]["verdict"] for i in range(3)] == ["certified", "unknown", "unknown"]
+    assert recs[0]["extra"] == {"abcrown": {"status": "safe", "seconds": 0.5}}
+    err = recs[1]["extra"]["abcrown"]
+    assert err["status"] is None and "refusing to load posix.mkdir" in err["error"]
+    assert "exited with status 1" in recs[2]["extra"]["abcrown"]["error"]
+    assert not (tmp_path / "EXECUTED").exists()
+    assert len(read_journal(tmp_path / "out" / journal_name(0, 1)).samples) == 3
+
+
+def test_abcrown_is_a_stage_after_ours_deciding_only_what_they_left(tmp_path, fake_abcrown,
+                                                                     monkeypatch):
+    script, plan = fake_abcrown
+    net = toy_net()
+    xp, yp, _ = planted(net, 2, EPS)                         # never certified by IBP
+    xr = torch.rand(30, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x, y = torch.cat([xp, xr]), torch.cat([yp, predict(net, xr)])
+    eps = EPS / 4
+    plan(["unknown"] * len(y))
+    monkeypatch.setenv(ENV_VAR, str(script))                  # found by name
+    res = certify(net, x, y, eps, stages=("ibp", "abcrown"), out_dir=tmp_path / "out",
+                  stage_options={"abcrown": {"workdir": str(tmp_path / "work")}})
+    recs = res.records
+    by_ibp = [i for i, r in recs.items() if r["stage"] == "ibp"]
+    left = [i for i, r in recs.items() if r["stage"] != "clean" and r["stage"] != "ibp"]
+    assert by_ibp and left and {0, 1} <= set(left)
+    assert all("abcrown" not in recs[i]["stage_times"] for i in by_ibp)
+    assert all(recs[i]["extra"]["abcrown"]["status"] == "unknown" for i in left)
+    seen = json.loads(next((tmp_path / "work").iterdir()).joinpath("fake_log.json").read_text())
+    assert len(seen) == len(left)                            # abcrown saw only those
+    for rec, i in zip(seen, sorted(left)):
+        assert torch.allclose(torch.tensor(rec["mid"], dtype=torch.float64), x[i], atol=1e-6)
+    meta = read_journal(tmp_path / "out" / journal_name(0, 1)).meta
+    assert meta["stages"] == ["clean", "ibp", "abcrown"]
+    assert meta["fingerprint"]["stage_options"]["abcrown"]["timeout"] == 400.0
+    monkeypatch.delenv(ENV_VAR)
+    with pytest.raises(AbcrownNotFound):                      # before any file is written
+        certify(net, x, y, eps, stages=("ibp", "abcrown"), out_dir=tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_cli_appends_abcrown_to_our_stages_and_verifier_abcrown_is_an_alias(
+        tmp_path, fake_abcrown, capsys):
+    from adcert.certify.cli import main
+    from test_certify import _digits_checkpoint
+
+    script, plan = fake_abcrown
+    plan(["safe"] * 8)
+    ckpt = _digits_checkpoint(tmp_path / "final.pt")
+    base = ["--checkpoint", str(ckpt), "--eps", "0.01", "--dataset", "digits", "--n", "6",
+            "--abcrown", str(script), "--sample-timeout", "0"]
+    assert main(base + ["--stages", "ibp,abcrown", "--out", str(tmp_path / "a")]) == 0
+    j = read_journal(tmp_path / "a" / journal_name(0, 1))
+    assert j.meta["stages"] == ["clean", "ibp", "abcrown"]
+    assert j.meta["abcrown"] == str(script.resolve())
+    assert all(r["stage"] in ("clean", "ibp", "abcrown") for r in j.samples.values())
+    assert all(r["verdict"] == "certified" for r in j.samples.values()
+               if r["stage"] == "abcrown")
+    assert main(base + ["--verifier", "abcrown", "--out", str(tmp_path / "b")]) == 0
+    assert read_journal(tmp_path / "b" / journal_name(0, 1)).meta["stages"] == ["clean",
+                                                                                "abcrown"]
+    assert "abcrown" in capsys.readouterr().out
+
+
+def test_launcher_stubs_the_imports_abcrown_needs_only_for_unused_features(tmp_path):
+    """abcrown imports onnx2pytorch (and the ONNX tool chain) and gurobipy at start-up; the
+    launcher puts stubs in place of the missing ones, so its start-up gets past them, and any
+    call into one names the module to install."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    missing = [m for m in ("onnx2pytorch", "onnx", "onnxruntime", "skl2onnx", "gurobipy")
+               if importlib.util.find_spec(m) is None]
+    if "gurobipy" not in missing or "onnx2pytorch" not in missing:
+        pytest.skip("gurobipy / onnx2pytorch are installed here: nothing to stub")
+    script = tmp_path / "abcrown.py"
+    script.write_text(
+        "import gurobipy as grb\n"
+        "import onnx2pytorch\n"
+        "from skl2onnx.helpers.onnx_helper import select_model_inputs_outputs\n"
+        "STATUS = {grb.GRB.OPTIMAL: 'optimal'}\n"                    # module-level use
+        "class Net(onnx2pytorch.ConvertModel): pass\n"
+        "try:\n"
+        "    grb.Model()\n"
+        "except RuntimeError as err:\n"
+        "    print('CALLED:', err)\n")
+    out = subprocess.run([sys.executable, "-m", "adcert.certify.abcrown", str(script)],
+                         capture_output=True, text=True, timeout=120,
+                         cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert "CALLED: gurobipy.Model was called, but gurobipy is not installed" in out.stdout

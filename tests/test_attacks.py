@@ -326,3 +326,97 @@ def test_schedule_and_step_size_errors(trained):
         pgd_attack(model, x, y, 0.1, schedule="cosine")
     with pytest.raises(ValueError, match="step_size"):
         pgd_attack(model, x, y, 0.1, step_size=0.0, schedule="ctbench")
+
+
+# ------------------------------------------------- AutoAttack: the reference's standard version
+
+def _spy_torchattacks(monkeypatch):
+    """Replace the torchattacks classes AutoAttack uses by spies that record their keyword
+    arguments (building the real object from them, so torchattacks' own reading of them can be
+    checked) and return their input unchanged instead of attacking."""
+    from adcert.attacks import autoattack as aa_mod
+
+    real = aa_mod._torchattacks()
+    seen = {}
+
+    def spy(cls, name):
+        def make(model, **kw):
+            seen[name] = dict(kw, obj=cls(model, **kw))
+            return lambda x, y: x.clone()
+        return make
+    monkeypatch.setattr(aa_mod, "_torchattacks", lambda: tuple(
+        spy(c, n) for c, n in zip(real, ("apgd-ce", "apgd-t", "fab-t", "square"))))
+    return seen
+
+
+def _tiny(classes, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, classes)).eval()
+
+
+@pytest.mark.parametrize("classes, targets", [(12, 9), (10, 9), (4, 3)])
+def test_autoattack_defaults_are_the_reference_standard_version(monkeypatch, classes, targets):
+    from adcert.attacks.autoattack import autoattack
+
+    seen = _spy_torchattacks(monkeypatch)
+    model = _tiny(classes)
+    x = torch.rand(3, 5)
+    y = model(x).argmax(1)
+    autoattack(model, x, y, 0.1, classes)
+    assert list(seen) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    for name in ("apgd-ce", "apgd-t", "fab-t"):   # 100 iterations, one restart, as the reference
+        assert seen[name]["steps"] == 100 and seen[name]["obj"].steps == 100
+        assert seen[name]["n_restarts"] == 1
+    assert seen["apgd-ce"]["loss"] == "ce" and seen["fab-t"]["multi_targeted"] is True
+    # min(9, C - 1) target classes, as torchattacks reads its arguments (not C - 1 for C > 10)
+    assert seen["apgd-t"]["obj"].n_target_classes == targets
+    assert seen["fab-t"]["obj"].n_target_classes == targets
+    sq = seen["square"]["obj"]
+    assert (sq.n_queries, sq.p_init, sq.rescale_schedule, sq.n_restarts) == (5000, 0.8, False, 1)
+
+
+def test_autoattack_settings_are_explicit_arguments_of_the_function_and_the_stage(monkeypatch):
+    from adcert.attacks.autoattack import autoattack, n_targets
+    from adcert.certify.stages import AutoAttackStage, make_stage
+
+    seen = _spy_torchattacks(monkeypatch)
+    model = _tiny(12)
+    x = torch.rand(2, 5)
+    y = model(x).argmax(1)
+    autoattack(model, x, y, 0.1, 12, steps=7, target_classes=2, square_queries=30)
+    assert seen["apgd-ce"]["steps"] == seen["fab-t"]["obj"].steps == 7
+    assert seen["apgd-t"]["obj"].n_target_classes == seen["fab-t"]["obj"].n_target_classes == 2
+    assert seen["square"]["obj"].n_queries == 30
+    assert n_targets(200) == 9 and n_targets(10) == 9 and n_targets(5) == 4
+    st = AutoAttackStage(12)
+    assert st.fingerprint() == {"components": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                                "seed": 0, "steps": 100, "target_classes": 9,
+                                "square_queries": 5000, "square_p_init": 0.8,
+                                "square_rescale_schedule": False}
+    seen.clear()
+    st = make_stage("autoattack", 12, options={"autoattack": {"steps": 3,
+                                                              "components": ("apgd-t",)}})
+    st.run(model, x, y, 0.1)
+    assert list(seen) == ["apgd-t"] and seen["apgd-t"]["obj"].steps == 3
+    assert seen["apgd-t"]["obj"].n_target_classes == 9
+    with pytest.raises(ValueError, match="steps"):
+        autoattack(model, x, y, 0.1, 12, steps=0)
+
+
+def test_autoattack_runs_on_a_12_class_model_with_few_iterations():
+    """A real (short) run with more than 10 classes: the targeted attacks pick 9 of 11 targets."""
+    from adcert.attacks.autoattack import autoattack, verify_counterexamples
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # torchattacks makes tensors in the default dtype
+    try:
+        model = _tiny(12, seed=1)
+        x = torch.rand(4, 5)
+        y = model(x).argmax(1)
+        cand = autoattack(model, x, y, 0.3, 12, steps=3, square_queries=20)
+        broken, proj, m = verify_counterexamples(model, x, cand, y, 0.3)
+    finally:
+        torch.set_default_dtype(old)
+    assert cand.shape == x.shape and cand.dtype == x.dtype
+    assert (((proj - x).abs() <= 0.3 + 1e-12) & (proj >= 0) & (proj <= 1)).all()
+    assert (m[broken] <= 0).all()

@@ -686,3 +686,109 @@ def test_cli_missing_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch):
     assert err.strip().splitlines() == [
         "adcert certify: dataset 'digits' needs scikit-learn, which is not installed: "
         "pip install scikit-learn"]
+
+
+# ------------------------------------------------ the papers' pipeline by default (issue 15)
+
+def test_defaults_are_the_papers_pipeline_and_timeouts():
+    import inspect as _inspect
+
+    from adcert.certify import DEFAULT_STAGES
+    from adcert.certify.cli import add_arguments, resume_command
+    import argparse
+
+    assert DEFAULT_STAGES == ("autoattack", "ibp", "crown", "alpha-crown", "bab-relu")
+    sig = _inspect.signature(certify).parameters
+    assert sig["stages"].default == DEFAULT_STAGES
+    assert sig["timeout"].default == 400.0 and sig["sample_timeout"].default == 1000.0
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([])
+    assert args.stages == "autoattack,ibp,crown,alpha-crown,bab-relu"
+    assert (args.timeout, args.sample_timeout) == (400.0, 1000.0)
+    args = p.parse_args(["--sample-timeout", "0", "--timeout", "30"])
+    assert (args.timeout, args.sample_timeout) == (30.0, None)     # 0: no limit
+    cmd = resume_command(args)
+    assert "--sample-timeout 0" in cmd and "--timeout 30.0" in cmd
+    with pytest.raises(SystemExit):
+        p.parse_args(["--timeout", "-1"])
+    with pytest.raises(ValueError, match="sample_timeout"):
+        certify(toy_net(), torch.full((1, 2), 0.5, dtype=torch.float64),
+                torch.zeros(1, dtype=torch.long), EPS, stages=("ibp",), sample_timeout=0)
+
+
+class _Sleep:
+    """A stage that decides nothing and takes ``seconds[i]`` on the i-th sample it sees in a
+    batch, reporting them as its own per-sample times when ``own``."""
+
+    def __init__(self, name, seconds, own=True):
+        self.name, self.seconds, self.own, self.limits = name, seconds, own, []
+
+    def unavailable(self, model, x, y, eps):
+        return None
+
+    def run(self, model, x, y, eps, time_limits=None):
+        import time
+
+        from adcert.certify.stages import Outcome
+
+        self.limits.append(time_limits)
+        times = []
+        for i in range(x.shape[0]):
+            time.sleep(self.seconds[i])
+            times.append(self.seconds[i])
+        n = x.shape[0]
+        return Outcome([None] * n, [None] * n, [None] * n, times if self.own else [])
+
+
+def test_sample_timeout_ends_a_sample_unknown_and_caps_the_bab_search(tmp_path):
+    net = toy_net()
+    x, y, _ = planted(net, 3, EPS)                   # non-robust: bab decides them (attacked)
+    slow = _Sleep("slow", [0.3])
+    res = certify(net, x, y, EPS, stages=[slow, "bab"], out_dir=tmp_path / "a", sound=False,
+                  batch_size=1, sample_timeout=0.2)
+    for r in res.records.values():                   # out of time after "slow": bab never runs
+        assert r["verdict"] == "unknown" and r["timed_out"] is True and r["stage"] is None
+        assert set(r["stage_times"]) == {"clean", "slow"} and r["time"] >= 0.2
+    summary = report([tmp_path / "a"])
+    assert summary["timed_out"] == 3 and summary["sample_timeout"] == 0.2
+    assert "3 unknown at the sample timeout of 0.2 s" in format_table(summary)
+    # with budget left, bab gets the rest of it as its per-sample limit, and decides
+    slow, probe = _Sleep("slow", [0.1] * 3), _Sleep("probe", [0.0] * 3)
+    res = certify(net, x, y, EPS, stages=[slow, probe, "bab"], out_dir=tmp_path / "b",
+                  sound=False, batch_size=3, sample_timeout=30, timeout=20)
+    assert all(r["verdict"] == "attacked" and r["stage"] == "bab" and "timed_out" not in r
+               for r in res.records.values())
+    (limits,) = probe.limits
+    assert len(limits) == 3 and all(30 - 1 < t <= 30 - 0.1 for t in limits)
+    # a BaB stage stops at the given limit: nothing decided with (almost) no time left
+    out = InputSplitBaB(sound=False, timeout=20).run(net, x, y, EPS, time_limits=[1e-9] * 3)
+    assert out.verdicts == [None] * 3 and len(out.times) == 3
+
+
+def test_stage_times_are_each_samples_own_and_add_up(tmp_path):
+    from adcert.certify.pipeline import attribute_times
+
+    assert attribute_times(1.0, [0.1, 0.5], 2) == pytest.approx([0.3, 0.7])  # + equal rest
+    assert attribute_times(1.0, None, 4) == [0.25] * 4                        # equal split
+    assert attribute_times(1.0, [1.0, 3.0], 2) == pytest.approx([0.25, 0.75])  # scaled down
+    assert attribute_times(1.0, [0.1, None], 2) == [0.5, 0.5]
+    net = toy_net()
+    x = torch.rand(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = predict(net, x)
+    own = _Sleep("own", [0.02, 0.25, 0.02, 0.25])
+    shared = _Sleep("shared", [0.1, 0.1, 0.1, 0.1], own=False)
+    res = certify(net, x, y, EPS, stages=[own, shared], out_dir=tmp_path, sound=False,
+                  batch_size=4, sample_timeout=None)
+    t = [res.records[i]["stage_times"] for i in range(4)]
+    # measured per sample: the slow samples' own time, not the batch average for everyone
+    assert t[1]["own"] - t[0]["own"] == pytest.approx(0.23, abs=0.05)
+    assert t[3]["own"] - t[2]["own"] == pytest.approx(0.23, abs=0.05)
+    assert len({r["shared"] for r in t}) == 1 and t[0]["shared"] >= 0.1   # a batch's share
+    assert sum(r["shared"] for r in t) >= 0.4
+    summary = report([tmp_path])
+    per_stage = sum(st["time_s"] for st in summary["per_stage"].values())
+    assert summary["time_s"] == pytest.approx(per_stage)
+    assert summary["per_stage"]["own"]["time_s"] == pytest.approx(sum(r["own"] for r in t))
+    assert res.records[0]["time"] == pytest.approx(sum(t[0].values()))
+    assert "all" in format_table(summary)

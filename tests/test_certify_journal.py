@@ -242,6 +242,31 @@ def test_resume_with_other_settings_is_refused_naming_what_differs(tmp_path):
     assert res.computed == [] and len(res.records) == 6
 
 
+def test_sample_timeout_and_autoattack_settings_are_in_the_fingerprint(tmp_path):
+    """Issue 15: the whole-sample time limit and AutoAttack's settings decide verdicts, so a
+    resume with others is refused; per-sample stage times and the limit are journaled."""
+    net, x, y = _toy_data()
+    out = tmp_path / "cert"
+    kw = dict(stages=("crown",), sound=False)
+    certify(net, x, y, EPS, out_dir=out, sample_timeout=50, **kw)
+    with pytest.raises(JournalMismatch, match=r"sample_timeout 50; this run has sample_timeout "
+                                              r"60"):
+        certify(net, x, y, EPS, out_dir=out, sample_timeout=60, **kw)
+    contents = read_journal(out / journal_name(0, 1))
+    assert contents.meta["sample_timeout"] == 50
+    assert all(set(r["stage_times"]) == {"clean", "crown"} for r in contents.samples.values())
+    assert certify(net, x, y, EPS, out_dir=out, sample_timeout=50, **kw).computed == []
+    aa = dict(stages=("autoattack",), stage_options={"autoattack": {"steps": 2,
+                                                                   "components": ["apgd-ce"]}})
+    certify(net, x, y, EPS, out_dir=tmp_path / "aa", **aa)
+    fp = read_journal(tmp_path / "aa" / journal_name(0, 1)).meta["fingerprint"]
+    assert fp["stage_options"]["autoattack"]["steps"] == 2
+    assert fp["stage_options"]["autoattack"]["target_classes"] == 3   # min(9, C - 1), C = 4
+    with pytest.raises(JournalMismatch, match="stage options"):
+        certify(net, x, y, EPS, out_dir=tmp_path / "aa", stages=("autoattack",),
+                stage_options={"autoattack": {"steps": 3, "components": ["apgd-ce"]}})
+
+
 def test_cli_resume_with_another_checkpoint_or_eps_is_refused(tmp_path, capsys):
     a = _checkpoint(tmp_path / "a.pt", seed=0)
     b = _checkpoint(tmp_path / "b.pt", seed=1)

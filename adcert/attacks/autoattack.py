@@ -1,6 +1,10 @@
 """AutoAttack (Croce & Hein 2020), standard L-inf version, through ``torchattacks``, with every
 counterexample verified by our own forward pass.
 
+The settings are those of the reference ``autoattack`` package's standard version (APGD-CE,
+APGD-T and FAB-T 100 iterations, 9 target classes, Square 5000 queries; see :func:`autoattack`),
+passed explicitly: torchattacks' own defaults (10 iterations, every other class a target) differ.
+
 ``torchattacks`` (3.5.1) imports without torchvision: ``import torchattacks`` works here and does
 not pull torchvision in, so only :mod:`torchattacks.attacks` classes are used (imported lazily, so
 adcert imports without torchattacks; install it with ``pip install --no-deps torchattacks``).
@@ -25,6 +29,15 @@ Tensor = torch.Tensor
 
 #: The components of AutoAttack's standard version, in its order.
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+#: The standard version's settings (the reference ``autoattack`` package, ``version='standard'``):
+#: iterations of APGD-CE, of APGD-T and FAB-T per target; targets of APGD-T and FAB-T; Square's
+#: queries and initial square fraction.
+STEPS, TARGET_CLASSES, SQUARE_QUERIES, SQUARE_P_INIT = 100, 9, 5000, 0.8
+
+
+def n_targets(num_classes: int, target_classes: int = TARGET_CLASSES) -> int:
+    """The number of target classes of APGD-T and FAB-T: ``min(target_classes, C - 1)``."""
+    return max(1, min(int(target_classes), int(num_classes) - 1))
 
 
 def _torchattacks():
@@ -84,18 +97,35 @@ def verify_counterexamples(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: int,
                components: Sequence[str] = STANDARD, seed: int = 0,
-               square_queries: int = 5000) -> Tensor:
+               square_queries: int = SQUARE_QUERIES, steps: int = STEPS,
+               target_classes: int = TARGET_CLASSES, square_p_init: float = SQUARE_P_INIT,
+               square_rescale_schedule: bool = False) -> Tensor:
     """Candidate adversarial examples from AutoAttack's components, run in sequence, each on
     the samples still robust (torchattacks' ``MultiAttack`` semantics).
+
+    The defaults are the settings of the reference ``autoattack`` package's standard version
+    (``version='standard'``), which torchattacks' classes do not default to (they run 10
+    iterations and target every other class):
+
+    * ``apgd-ce``: APGD on the cross-entropy, ``steps`` = 100 iterations, 1 restart, rho 0.75;
+    * ``apgd-t``: targeted APGD on the DLR loss, 100 iterations per target, ``target_classes``
+      = 9 targets (the 9 highest-scoring other classes, each from 1 start);
+    * ``fab-t``: targeted FAB, 100 iterations per target, 9 targets, 1 restart;
+    * ``square``: Square, ``square_queries`` = 5000 queries, 1 restart, ``square_p_init`` = 0.8,
+      schedule of the square size not rescaled to the query budget
+      (``square_rescale_schedule=False``, as in the reference).
+
+    The targeted attacks use ``min(target_classes, num_classes - 1)`` targets: with 10 classes
+    that is every other class; with more (TinyImageNet's 200) the 9 most likely ones.
 
     Args:
         model: a classifier in eval mode, ``[B, *in] -> [B, num_classes]``.
         x: ``[B, *in]`` in [0, 1]; ``y``: ``[B]`` int64 labels; ``eps``: L-inf radius > 0.
         num_classes: the number of classes (>= 4 for APGD-T's targeted DLR loss).
-        components: a subsequence of :data:`STANDARD` (default: the standard version, with the
-            standard parameters: one restart each, 9 target classes for APGD-T and FAB-T,
-            ``square_queries`` = 5000).
+        components: a subsequence of :data:`STANDARD` (default: all four, in order).
         seed: the attacks' random seed (fixed, so runs repeat).
+        square_queries, steps, target_classes, square_p_init, square_rescale_schedule: see
+            above (tests and quick runs may pass fewer ``steps``/queries).
 
     Returns ``x_adv: [B, *in]`` in x's dtype, UNVERIFIED: pass it to
     :func:`verify_counterexamples`. The model's train/eval mode is left as it was (and used by
@@ -107,6 +137,10 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: 
                          f"{tuple(components)}")
     if not float(eps) > 0:
         raise ValueError(f"eps: expected > 0, got {eps}")
+    for name, v in (("steps", steps), ("target_classes", target_classes),
+                    ("square_queries", square_queries)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     if num_classes < 4 and any(c in ("apgd-t", "fab-t") for c in components):
         raise ValueError(f"num_classes: AutoAttack's targeted attacks (apgd-t, fab-t) need >= 4 "
                          f"classes, got {num_classes}; pass components without them")
@@ -118,15 +152,20 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: 
     was_training = model.training
     wrapped = _AsImages(model, x.shape[1:], x.dtype).train(was_training)
     eps = float(eps)
+    # torchattacks' APGDT and FAB target the n_classes - 1 classes ranked 2nd, 3rd, ... by the
+    # model (``n_target_classes = n_classes - 1``; n_classes is used for nothing else), so
+    # ``n_classes = targets + 1`` gives the reference's ``n_target_classes = targets``
+    targets = n_targets(num_classes, target_classes)
     make = {
-        "apgd-ce": lambda: APGD(wrapped, norm="Linf", eps=eps, seed=seed, loss="ce",
-                                n_restarts=1),
-        "apgd-t": lambda: APGDT(wrapped, norm="Linf", eps=eps, seed=seed, n_classes=num_classes,
-                                n_restarts=1),
-        "fab-t": lambda: FAB(wrapped, norm="Linf", eps=eps, seed=seed, multi_targeted=True,
-                             n_classes=num_classes, n_restarts=1),
-        "square": lambda: Square(wrapped, norm="Linf", eps=eps, seed=seed,
-                                 n_queries=square_queries, n_restarts=1),
+        "apgd-ce": lambda: APGD(wrapped, norm="Linf", eps=eps, steps=steps, n_restarts=1,
+                                seed=seed, loss="ce", eot_iter=1, rho=0.75),
+        "apgd-t": lambda: APGDT(wrapped, norm="Linf", eps=eps, steps=steps, n_restarts=1,
+                                seed=seed, eot_iter=1, rho=0.75, n_classes=targets + 1),
+        "fab-t": lambda: FAB(wrapped, norm="Linf", eps=eps, steps=steps, n_restarts=1,
+                             seed=seed, multi_targeted=True, n_classes=targets + 1),
+        "square": lambda: Square(wrapped, norm="Linf", eps=eps, n_queries=square_queries,
+                                 n_restarts=1, p_init=square_p_init, loss="margin",
+                                 resc_schedule=square_rescale_schedule, seed=seed),
     }
     flat = x.detach().reshape(x.shape[0], -1, 1, 1).float()
     best = flat.clone()
@@ -147,4 +186,5 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: 
     return best.reshape(x.shape).to(x.dtype)
 
 
-__all__ = ["STANDARD", "autoattack", "verify_counterexamples", "project", "margins"]
+__all__ = ["STANDARD", "STEPS", "TARGET_CLASSES", "SQUARE_QUERIES", "SQUARE_P_INIT",
+           "n_targets", "autoattack", "verify_counterexamples", "project", "margins"]

@@ -17,23 +17,30 @@ For a batch of samples (``x: [B, *in]`` in [0, 1], labels ``y: [B]``), :class:`A
    device, and a counterexample saver (:func:`save_counterexample`) that appends every
    counterexample to a JSON-lines file;
 3. runs ``python -m adcert.certify.abcrown ABCROWN_PY --config CFG`` as a subprocess with a
-   wall-clock limit (this module's ``__main__`` provides a stub ``torchvision`` -- abcrown imports
-   it at module level but needs it only for its built-in data sets; set
-   ``ADCERT_ABCROWN_TORCHVISION=real`` to keep the real one -- then runs the script);
+   wall-clock limit (this module's ``__main__`` first puts stubs in place of the modules abcrown
+   imports at start-up but these runs never use (:data:`OPTIONAL_IMPORTS`): ``torchvision``
+   always -- abcrown needs it only for its built-in data sets; set
+   ``ADCERT_ABCROWN_TORCHVISION=real`` to keep the real one -- and, when not installed,
+   ``onnx2pytorch``, ``onnx``, ``onnxruntime``, ``onnxoptimizer``, ``skl2onnx`` (its ONNX model
+   loader) and ``gurobipy`` (its MIP/LP solvers); calling into a stub raises an error naming the
+   module to install; then runs the script);
 4. reads abcrown's per-instance results (:func:`read_results`: the pickle it writes after every
    instance) and maps each status (:func:`map_status`): ``safe*`` -> ``certified`` (stage
    ``abcrown``), ``unsafe*`` -> ``attacked`` ONLY when one of the saved counterexamples, projected
    into the sample's exact box, is misclassified by our own forward pass (else ``unknown``),
    anything else (``unknown``, ``timeout``, no result) -> ``unknown``. A sample whose box holds a
    verified counterexample is ``attacked`` whatever its status (a "safe" one is warned about).
-   A subprocess that crashes raises :class:`AbcrownError` (nothing journaled: rerun resumes);
-   one killed at its wall-clock limit leaves the samples without a result ``unknown``.
+   A subprocess killed at its wall-clock limit leaves the samples without a result ``unknown``;
+   for crashes and unreadable results see :class:`AbcrownStage` ("Failures").
 
 abcrown's "safe" is that tool's floating-point certificate (the number the papers report), not
 adcert's rounding-sound one; the journal records the deciding stage as ``abcrown``.
 """
 from __future__ import annotations
 
+import collections
+import functools
+import io
 import json
 import math
 import os
@@ -221,27 +228,94 @@ def _merge(d: Dict[str, Any], u: Dict[str, Any]) -> None:
             d[k] = v
 
 
+def _storage_from_bytes(data: Any):
+    """What ``torch.storage._load_from_bytes`` does for a pickled tensor's storage -- read the
+    nested ``torch.save`` record -- but with ``torch.load(weights_only=True)`` (torch's restricted
+    unpickler; the original uses ``weights_only=False``, which runs any code the record names)
+    and onto the CPU (abcrown may have run on a GPU). Only a plain storage is accepted."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"abcrown results: a tensor storage must be bytes, got "
+                                     f"{type(data).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage is deprecated
+            storage = torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location="cpu")
+    except Exception as err:  # weights_only refuses any global it does not know
+        lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+        why = next((l for l in lines if "GLOBAL" in l), lines[0] if lines else "")
+        raise pickle.UnpicklingError(f"abcrown results: refusing a tensor storage: "
+                                     f"{type(err).__name__}: {why}") from None
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"abcrown results: expected a tensor storage, got "
+                                     f"{type(storage).__name__}")
+    return storage
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
+                    backward_hooks=None, metadata=None) -> Tensor:
+    """``torch._utils._rebuild_tensor_v2`` for a plain tensor only: a storage from
+    :func:`_storage_from_bytes`, integer offset, size and stride, no backward hooks (they would
+    be code) and no metadata; ``requires_grad`` is dropped."""
+    ints = lambda v: isinstance(v, (tuple, list)) and all(  # noqa: E731
+        isinstance(k, int) and not isinstance(k, bool) for k in v)
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)) or \
+            not isinstance(storage_offset, int) or not ints(size) or not ints(stride) or \
+            backward_hooks or metadata:
+        raise pickle.UnpicklingError("abcrown results: refusing a tensor that is not a plain "
+                                     "CPU tensor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated
+        return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size),
+                                               tuple(stride), False, collections.OrderedDict())
+
+
 class _ResultsUnpickler(pickle.Unpickler):
-    """Only plain containers: abcrown's results file holds dicts, lists, strings and numbers."""
-    _ok = {("collections", "defaultdict"), ("builtins", "list"), ("builtins", "dict")}
+    """abcrown's results file: plain containers, strings and numbers, and plain tensors (its
+    branch-and-bound stores bounds as torch tensors, pickled as ``torch._utils.
+    _rebuild_tensor_v2(torch.storage._load_from_bytes(bytes), ...)``). Those two globals are
+    replaced by :func:`_rebuild_tensor` and :func:`_storage_from_bytes`, which rebuild a plain
+    CPU tensor and nothing else; every other global (numpy, classes, functions) is refused, so
+    nothing in the file can run code."""
+    _ok = {("collections", "defaultdict"), ("collections", "OrderedDict"), ("builtins", "list"),
+           ("builtins", "dict")}
+    _tensor = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("torch.storage", "_load_from_bytes"): _storage_from_bytes}
 
     def find_class(self, module, name):
         if (module, name) in self._ok:
             return super().find_class(module, name)
+        if (module, name) in self._tensor:
+            return self._tensor[(module, name)]
         raise pickle.UnpicklingError(f"abcrown results: refusing to load {module}.{name} "
-                                     f"(only plain containers are expected)")
+                                     f"(only plain containers and tensors are expected)")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("abcrown results: refusing a persistent id")
+
+
+def load_results(path: PathLike) -> Any:
+    """The whole object pickled in abcrown's results file, read by :class:`_ResultsUnpickler`
+    (tensors come back as plain CPU tensors)."""
+    with open(path, "rb") as f:
+        return _ResultsUnpickler(f).load()
 
 
 def read_results(path: PathLike) -> List[Tuple[str, float]]:
     """abcrown's per-instance results file (a pickle ``{"summary": {status: [indices]},
-    "results": [[status, seconds], ...], ...}``, instances in CSV order) -> ``[(status,
-    seconds)]``. Only plain containers are unpickled."""
-    with open(path, "rb") as f:
-        data = _ResultsUnpickler(f).load()
+    "results": [[status, seconds], ...], "bab_ret": [...]}``, instances in CSV order; older
+    abcrown versions: ``"results": [status, ...]`` and ``"time": [seconds, ...]``) ->
+    ``[(status, seconds)]``. Only plain containers and plain tensors are unpickled (see
+    :class:`_ResultsUnpickler`); anything else raises ``pickle.UnpicklingError``."""
+    data = load_results(path)
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ValueError(f"{path}: expected abcrown's results dict with a 'results' list")
+    items = data["results"]
+    times = data.get("time")
+    if items and all(isinstance(i, str) for i in items) and isinstance(times, list) and \
+            len(times) == len(items):  # the older format
+        items = [[i, t] for i, t in zip(items, times)]
     out = []
-    for k, item in enumerate(data["results"]):
+    for k, item in enumerate(items):
         if not (isinstance(item, (list, tuple)) and len(item) >= 2 and isinstance(item[0], str)):
             raise ValueError(f"{path}: results[{k}]: expected [status, seconds], got {item!r}")
         out.append((item[0], float(item[1])))
@@ -270,7 +344,8 @@ def map_status(status: str) -> str:
 @dataclass
 class AbcrownOutcome(Outcome):
     """An :class:`~adcert.certify.stages.Outcome` with ``extra``: per sample, abcrown's raw
-    ``{"status": str or None, "seconds": float}`` (``None`` status: no result, e.g. killed)."""
+    ``{"status": str or None, "seconds": float}`` (``None`` status: no result, e.g. killed;
+    with ``"error"``: the batch failed, see :class:`AbcrownStage`)."""
     extra: List[Optional[Dict[str, Any]]] = field(default_factory=list)
 
 
@@ -289,6 +364,21 @@ class AbcrownStage:
             ``slack`` more), in the subprocess's wall-clock limit.
         config: nested overrides of the generated YAML config.
         python: the interpreter that runs abcrown (default: this one).
+
+    Time: ``run(..., time_limits=...)`` (the pipeline's remaining whole-sample budgets) lowers
+    abcrown's per-instance timeout for a batch to the largest of them (one abcrown run serves
+    the whole batch); ``Outcome.times`` are abcrown's own seconds per instance (0 for an
+    instance without a result), the pipeline sharing the rest of the subprocess's wall time
+    (start-up, an instance killed at the limit) equally.
+
+    Failures: a batch whose results file cannot be read (corrupt, or holding an object that is
+    not a plain container or tensor), holds more results than instances, or -- once a batch
+    of this stage has run -- a batch whose abcrown crashes or writes nothing, is recorded per
+    sample: undecided (``unknown``), ``extra`` ``{"status": None, "error": message}``, with a
+    warning, and the run goes on. A crash (or no result at all) on the stage's FIRST batch
+    raises :class:`AbcrownError` instead (nothing journaled; a rerun resumes): that is almost
+    always a set-up problem (a missing import, a bad ``--abcrown-config``) that would turn every
+    sample into ``unknown``.
     """
     name = STAGE_NAME
 
@@ -304,6 +394,8 @@ class AbcrownStage:
         self.startup, self.slack = float(startup), float(slack)
         self.config, self.python = dict(config or {}), python or sys.executable
         self.last_statuses: List[Optional[str]] = []
+        self._batch_timeout = self.timeout  # this batch's per-instance timeout (time_limits)
+        self._ran = False  # has a batch run (not crashed)? see the class docstring
 
     def unavailable(self, model, x, y, eps) -> Optional[str]:
         if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
@@ -318,18 +410,25 @@ class AbcrownStage:
         return {"timeout": self.timeout, "config": self.config}
 
     def _limit(self, n: int) -> float:
-        return self.startup + n * (self.timeout + self.slack)
+        return self.startup + n * (self._batch_timeout + self.slack)
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> "AbcrownOutcome":
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
+            time_limits: Optional[Sequence[Optional[float]]] = None) -> "AbcrownOutcome":
         """Verify ``x: [B, *in]`` (labels ``y: [B]``) at radius ``eps``: verdicts
-        ``"certified"``, ``"attacked"`` or ``None`` (undecided: abcrown's unknown/timeout, or an
-        unconfirmed "unsafe"); values ``None``; adv the verified points; ``extra`` abcrown's
-        ``{"status", "seconds"}`` per sample (journaled by the pipeline)."""
+        ``"certified"``, ``"attacked"`` or ``None`` (undecided: abcrown's unknown/timeout, an
+        unconfirmed "unsafe", or a failed batch); values ``None``; adv the verified points;
+        ``extra`` abcrown's ``{"status", "seconds"}`` per sample (journaled by the pipeline;
+        ``"error"`` added for a failed batch); ``times`` abcrown's seconds per sample.
+        ``time_limits``: per-sample limits (s), see the class docstring."""
         from adcert.attacks.autoattack import verify_counterexamples
 
         n = x.shape[0]
         if n == 0:
-            return AbcrownOutcome([], [], [], [])
+            return AbcrownOutcome([], [], [], extra=[])
+        given = [t for t in (time_limits or []) if t is not None]
+        self._batch_timeout = min(self.timeout, max(given)) if given else self.timeout
+        if not self._batch_timeout > 0:
+            self._batch_timeout = self.timeout
         with torch.no_grad():
             num_classes = int(model(x[:1]).shape[1])
         if self.workdir is not None:
@@ -339,11 +438,18 @@ class AbcrownStage:
         else:
             work = pathlib.Path(tempfile.mkdtemp(prefix="adcert-abcrown-"))
         try:
-            results = self._run_abcrown(model, x, y, eps, num_classes, work)
+            results, failure, fatal = self._run_abcrown(model, x, y, eps, num_classes, work)
             cex = read_counterexamples(work / "counterexamples.jsonl")
         finally:
             if self.workdir is None:
                 shutil.rmtree(work, ignore_errors=True)
+        if failure is not None and fatal and not self._ran:
+            raise AbcrownError(failure)  # the first batch: a set-up problem, see the docstring
+        self._ran = self._ran or not fatal
+        if failure is not None:
+            warnings.warn(f"abcrown: a batch of {n} samples failed; its samples without a "
+                          f"result are recorded unknown with the error, and the run goes on: "
+                          f"{failure.splitlines()[0]}", RuntimeWarning, stacklevel=2)
         statuses = [r[0] if r is not None else None for r in results]
         self.last_statuses = statuses
         verdicts: List[Optional[str]] = []
@@ -360,9 +466,13 @@ class AbcrownStage:
             verdicts.append("attacked" if point is not None else
                             "certified" if kind == "safe" else None)  # None: undecided
             adv.append(point)
-        extra = [{"status": r[0], "seconds": r[1]} if r is not None else {"status": None}
+        extra: List[Optional[Dict[str, Any]]] = [
+            {"status": r[0], "seconds": r[1]} if r is not None else
+            {"status": None} if failure is None else {"status": None, "error": failure[:2000]}
+            for r in results]
+        times = [max(float(r[1]), 0.0) if r is not None and math.isfinite(r[1]) else 0.0
                  for r in results]
-        return AbcrownOutcome(verdicts, [None] * n, adv, extra)
+        return AbcrownOutcome(verdicts, [None] * n, adv, times, extra=extra)
 
     @staticmethod
     def _confirm(model, x, y, eps, cex, verify) -> Optional[Tensor]:
@@ -381,7 +491,9 @@ class AbcrownStage:
         return None
 
     def _run_abcrown(self, model, x, y, eps, num_classes, work: pathlib.Path
-                     ) -> List[Optional[Tuple[str, float]]]:
+                     ) -> Tuple[List[Optional[Tuple[str, float]]], Optional[str], bool]:
+        """One abcrown run on the batch -> (``[(status, seconds)]`` or ``None`` per sample,
+        the failure's message or ``None``, whether it is a crash or no output at all)."""
         import yaml
 
         n = x.shape[0]
@@ -397,7 +509,7 @@ class AbcrownStage:
         dtype = "float64" if x.dtype == torch.float64 else "float32"
         write_hooks(work)
         cfg = abcrown_config(work, model_file, work / "instances.csv", tuple(x.shape[1:]),
-                             self.timeout, self.device, dtype, self.config)
+                             self._batch_timeout, self.device, dtype, self.config)
         (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
         env = dict(os.environ)
         root = str(pathlib.Path(__file__).resolve().parents[2])
@@ -415,50 +527,81 @@ class AbcrownStage:
                 timed_out, rc = True, None
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        if rc:  # a crash is no verdict: raise (the samples stay undone and are rerun on resume)
-            tail = log.read_text(errors="replace")[-3000:]
-            raise AbcrownError(f"abcrown exited with status {rc} (log {log}):\n{tail}")
+        def tail() -> str:
+            return log.read_text(errors="replace")[-3000:]
+
+        failure, fatal = None, False
+        if rc:  # a crash decides nothing
+            failure, fatal = f"abcrown exited with status {rc} (log {log}):\n{tail()}", True
         found = work / RESULTS_FILE
-        try:
-            results = read_results(found) if found.exists() else []
-        except (EOFError, pickle.UnpicklingError):
-            if not timed_out:
-                raise
-            results = []  # killed while rewriting the file: no result counts
-        if not results and not timed_out:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise AbcrownError(f"abcrown wrote no results (log {log}):\n{tail}")
+        results: List[Tuple[str, float]] = []
+        if found.exists():
+            try:
+                results = read_results(found)
+            except Exception as err:  # unreadable: refused globals, a cut file, a bad format
+                if failure is None and not timed_out:  # (killed mid-write: nothing to say)
+                    failure = (f"cannot read abcrown's results {found}: {type(err).__name__}: "
+                               f"{err}")
+                results = []
+        elif failure is None and not timed_out:
+            failure, fatal = f"abcrown wrote no results (log {log}):\n{tail()}", True
         if len(results) > n:
-            raise AbcrownError(f"abcrown reported {len(results)} results for {n} instances "
-                               f"(log {log})")
-        return list(results) + [None] * (n - len(results))
+            failure = (f"abcrown reported {len(results)} results for {n} instances "
+                       f"(log {log})")
+            results = []
+        return list(results) + [None] * (n - len(results)), failure, fatal
 
 
 # ---------------------------------------------------------------------------------------------
 # The launcher: ``python -m adcert.certify.abcrown ABCROWN_PY ARGS...``
 
-def _stub_torchvision() -> None:
-    """Make ``torchvision`` and every ``torchvision.*`` import resolve to stub modules: abcrown
-    (and onnx2pytorch) import it at module level but use it only for built-in data sets and ONNX
-    image ops, which this adapter never uses; calling anything from it raises an error saying
-    so. (A broken torchvision build cannot then break abcrown's start-up.)"""
+#: Modules abcrown imports at start-up that this adapter's runs never use: ``torchvision`` (its
+#: built-in data sets), the ONNX tool chain (``load_model.py``'s ONNX loader; our model comes
+#: through a ``Customized`` loader) and ``gurobipy`` (its MIP/LP solvers, used only by configs
+#: that ask for them, e.g. ``complete_verifier: mip`` or ``bab-refine``).
+OPTIONAL_IMPORTS = ("torchvision", "onnx2pytorch", "onnx", "onnxruntime", "onnxoptimizer",
+                    "skl2onnx", "gurobipy")
+
+
+def _stub_class(qualname: str, top: str) -> type:
+    """A stand-in for anything reached through a stubbed module: its attributes are stand-ins
+    too (``grb.GRB.OPTIMAL``), it can be subclassed, tested with ``isinstance`` or named in an
+    ``except`` (an ``Exception`` subclass that is never raised), and calling it (or a
+    subclass) raises a ``RuntimeError`` saying what to install."""
+    class _Meta(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _stub_class(f"{qualname}.{name}", top)
+
+        def __call__(cls, *args, **kwargs):
+            raise RuntimeError(f"{qualname} was called, but {top} is not installed: adcert's "
+                               f"abcrown launcher put a stub in its place (abcrown imports it "
+                               f"at start-up; adcert's runs do not use it). Install {top} for "
+                               f"the abcrown feature that needs it.")
+
+    return _Meta(qualname.rsplit(".", 1)[-1], (Exception,), {"__module__": top})
+
+
+def _stub_modules(names: Sequence[str]) -> None:
+    """Make ``import N`` and ``import N.sub...`` resolve to stub modules for every ``N`` in
+    ``names`` (whose attributes are :func:`_stub_class` stand-ins), dropping any already
+    imported."""
     import importlib.abc
     import importlib.machinery
     import types
 
-    def _missing(*args, **kwargs):
-        raise RuntimeError("torchvision is stubbed out by adcert's abcrown launcher "
-                           "(set ADCERT_ABCROWN_TORCHVISION=real to use the real one)")
+    tops = tuple(names)
 
     class _Stub(types.ModuleType):
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)
-            return _missing
+            return _stub_class(f"{self.__name__}.{name}", self.__name__.split(".")[0])
 
     class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def find_spec(self, fullname, path=None, target=None):
-            if fullname == "torchvision" or fullname.startswith("torchvision."):
+            if fullname.split(".")[0] in tops:
                 return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
             return None
 
@@ -468,9 +611,29 @@ def _stub_torchvision() -> None:
         def exec_module(self, module):
             module.__path__ = []
 
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in tops]:
         del sys.modules[name]
     sys.meta_path.insert(0, _Finder())
+
+
+def stubbed_imports() -> List[str]:
+    """Which of :data:`OPTIONAL_IMPORTS` the launcher replaces by stubs: every one that is not
+    installed, and ``torchvision`` always (a broken torchvision build cannot then break
+    abcrown's start-up) unless ``ADCERT_ABCROWN_TORCHVISION=real``."""
+    import importlib.util
+
+    out = []
+    for name in OPTIONAL_IMPORTS:
+        if name == "torchvision":
+            if os.environ.get("ADCERT_ABCROWN_TORCHVISION") != "real":
+                out.append(name)
+            continue
+        try:
+            if importlib.util.find_spec(name) is None:
+                out.append(name)
+        except (ImportError, ValueError):
+            out.append(name)
+    return out
 
 
 def _launch(argv: Sequence[str]) -> None:
@@ -479,8 +642,7 @@ def _launch(argv: Sequence[str]) -> None:
     if not argv:
         raise SystemExit("usage: python -m adcert.certify.abcrown ABCROWN_PY [abcrown args]")
     script = find_abcrown(argv[0])
-    if os.environ.get("ADCERT_ABCROWN_TORCHVISION") != "real":
-        _stub_torchvision()
+    _stub_modules(stubbed_imports())
     sys.path.insert(0, str(script.parent))
     sys.argv = [str(script)] + list(argv[1:])
     runpy.run_path(str(script), run_name="__main__")
@@ -489,7 +651,7 @@ def _launch(argv: Sequence[str]) -> None:
 __all__ = ["AbcrownStage", "AbcrownOutcome", "AbcrownNotFound", "AbcrownError", "find_abcrown",
            "vnnlib_box", "write_vnnlib", "read_results", "map_status", "abcrown_config",
            "write_hooks", "load_for_abcrown", "save_counterexample", "read_counterexamples",
-           "ENV_VAR", "STAGE_NAME"]
+           "load_results", "stubbed_imports", "OPTIONAL_IMPORTS", "ENV_VAR", "STAGE_NAME"]
 
 if __name__ == "__main__":
     _launch(sys.argv[1:])

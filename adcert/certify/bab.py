@@ -14,7 +14,7 @@ that can no longer be split (zero width).
 from __future__ import annotations
 
 import time
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +26,9 @@ Tensor = torch.Tensor
 
 
 class InputSplitBaB:
-    """The ``bab`` stage (see the module docstring)."""
+    """The ``bab`` stage (see the module docstring). ``run(..., time_limits=...)``: per-sample
+    limits (s) on top of ``timeout`` (the pipeline's remaining whole-sample budgets); the
+    outcome's ``times`` are each sample's own seconds."""
     name = "bab"
 
     def __init__(self, sound: bool = True, timeout: Optional[float] = None, method: str = "ibp",
@@ -54,14 +56,16 @@ class InputSplitBaB:
             return f"{type(err).__name__}: {err}"
         return None
 
-    def _one(self, model: nn.Module, x: Tensor, y: Tensor, eps: float
-             ) -> Tuple[str, Optional[float], Optional[Tensor]]:
-        """``x: [1, *in]``, ``y: [1]`` -> (verdict, value, counterexample or None)."""
+    def _one(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
+             limit: Optional[float] = None) -> Tuple[str, Optional[float], Optional[Tensor]]:
+        """``x: [1, *in]``, ``y: [1]`` -> (verdict, value, counterexample or None); ``limit``:
+        seconds, on top of ``timeout``."""
         start = time.monotonic()
+        limit = _limit(self.timeout, limit)
         lo_q, hi_q = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
         seen, closed_min = 0, float("inf")
         while lo_q.shape[0]:
-            if self.timeout is not None and time.monotonic() - start > self.timeout:
+            if limit is not None and time.monotonic() - start > limit:
                 return "unknown", None, None
             lo, hi = lo_q[:self.batch], hi_q[:self.batch]
             lo_q, hi_q = lo_q[self.batch:], hi_q[self.batch:]
@@ -92,10 +96,22 @@ class InputSplitBaB:
             hi_q = torch.cat([hi_q, left_hi.reshape(lo.shape), flat_hi.reshape(lo.shape)])
         return "certified", closed_min, None
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Outcome:
-        res = [self._one(model, x[i:i + 1], y[i:i + 1], eps) for i in range(x.shape[0])]
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
+            time_limits: Optional[Sequence[Optional[float]]] = None) -> Outcome:
+        res, times = [], []
+        for i in range(x.shape[0]):
+            t0 = time.monotonic()
+            res.append(self._one(model, x[i:i + 1], y[i:i + 1], eps,
+                                 None if time_limits is None else time_limits[i]))
+            times.append(time.monotonic() - t0)
         return Outcome([None if v == "unknown" else v for v, _, _ in res],
-                       [val for _, val, _ in res], [a for _, _, a in res])
+                       [val for _, val, _ in res], [a for _, _, a in res], times)
+
+
+def _limit(timeout: Optional[float], limit: Optional[float]) -> Optional[float]:
+    """The smaller of two optional limits (``None``: no limit)."""
+    given = [t for t in (timeout, limit) if t is not None]
+    return min(given) if given else None
 
 
 __all__ = ["InputSplitBaB"]

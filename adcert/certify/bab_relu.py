@@ -56,12 +56,13 @@ domains. After :meth:`ReluSplitBaB.run`, ``last_stats`` holds one dict per sampl
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from adcert.attacks.autoattack import verify_counterexamples
+from adcert.certify.bab import _limit
 from adcert.certify.stages import Outcome, worst_margin
 
 Tensor = torch.Tensor
@@ -99,6 +100,9 @@ class ReluSplitBaB:
         max_domains: the most domains bounded per sample before giving up.
         batch: domains bounded per ``compute_bounds`` call.
         attack_every, pgd_steps, restarts: the PGD schedule (``attack_every=0``: never attack).
+
+    ``run(..., time_limits=...)``: per-sample limits (s) on top of ``timeout`` (the pipeline's
+    remaining whole-sample budgets); the outcome's ``times`` are each sample's own seconds.
     """
     name = "bab-relu"
 
@@ -250,10 +254,12 @@ class ReluSplitBaB:
 
     # ------------------------------------------------------------------ the search
 
-    def _one(self, model: nn.Module, x: Tensor, y: Tensor, eps: float
-             ) -> Tuple[str, Optional[float], Optional[Tensor]]:
-        """``x: [1, *in]``, ``y: [1]`` -> (verdict, value, counterexample or None)."""
+    def _one(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
+             limit: Optional[float] = None) -> Tuple[str, Optional[float], Optional[Tensor]]:
+        """``x: [1, *in]``, ``y: [1]`` -> (verdict, value, counterexample or None); ``limit``:
+        seconds, on top of ``timeout``."""
         start = time.monotonic()
+        limit = _limit(self.timeout, limit)
         prog = self._progress = {"domains": 1, "rounds": 0}
         worst, boxes, warm = self._bound(model, x, y, eps, None)
         if bool(worst[0] > 0):
@@ -270,7 +276,7 @@ class ReluSplitBaB:
                 hit = self._attack(model, x, y, eps)
                 if hit is not None:
                     return "attacked", hit[0], hit[1]
-            if self.timeout is not None and time.monotonic() - start > self.timeout:
+            if limit is not None and time.monotonic() - start > limit:
                 return "unknown", None, None
             if seen >= self.max_domains:
                 return "unknown", None, None
@@ -350,15 +356,18 @@ class ReluSplitBaB:
                                for qs, ps in zip(q_warm, d_warm))
         return "certified", (closed_min if closed_min < float("inf") else None), None
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Outcome:
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
+            time_limits: Optional[Sequence[Optional[float]]] = None) -> Outcome:
         res, self.last_stats = [], []
         for i in range(x.shape[0]):
             t0 = time.monotonic()
-            res.append(self._one(model, x[i:i + 1], y[i:i + 1], eps))
+            res.append(self._one(model, x[i:i + 1], y[i:i + 1], eps,
+                                 None if time_limits is None else time_limits[i]))
             self.last_stats.append(dict(self._progress, seconds=time.monotonic() - t0,
                                         verdict=res[-1][0]))
         return Outcome([None if v == "unknown" else v for v, _, _ in res],
-                       [val for _, val, _ in res], [a for _, _, a in res])
+                       [val for _, val, _ in res], [a for _, _, a in res],
+                       [st["seconds"] for st in self.last_stats])
 
 
 def _take(warm: Warm, index) -> Warm:

@@ -1,11 +1,21 @@
 """``adcert certify``: certify a checkpoint on a test set, one shard per job; merge the shards.
 
     adcert certify --checkpoint CKPT --eps EPS --dataset NAME [--data-dir D] [--n N]
-                   [--stages autoattack,ibp,crown,alpha-crown] [--timeout S] [--shard i/n]
+                   [--stages autoattack,ibp,crown,alpha-crown,bab-relu] [--timeout 400]
+                   [--sample-timeout 1000] [--shard i/n]
                    [--out DIR] [--batch-size B] [--dtype float32|float64] [--device DEV]
                    [--skip-unavailable] [--trust-pickle] [--quiet]
-                   [--verifier ours|abcrown] [--abcrown PATH] [--abcrown-config YAML]
+                   [--abcrown PATH] [--abcrown-config YAML] [--verifier ours|abcrown]
     adcert certify report DIR [DIR ...] [--json PATH]
+
+The default stages are the papers' pipeline (AD-CERT F.4): AutoAttack (standard version), IBP,
+CROWN, alpha-CROWN, then branch-and-bound over ReLU splits, each stage only on the samples the
+previous ones left undecided; ``--timeout`` seconds per sample of the branch-and-bound stage,
+``--sample-timeout`` seconds per sample for all stages together (0: no limit). Append
+``abcrown`` (``--stages ...,alpha-crown,abcrown``) to hand what our stages left undecided to the
+official alpha,beta-CROWN (``--abcrown``/``$ADCERT_ABCROWN``, ``--timeout`` per sample);
+``--verifier abcrown`` is the older spelling of ``--stages abcrown`` (abcrown alone after the
+clean check; ``--stages`` is then ignored).
 
 Each shard appends to ``DIR/journal-<i>-of-<n>.jsonl``; rerunning the same command resumes (done
 samples are skipped). One process per shard and DIR: a second one is refused at the start,
@@ -17,8 +27,8 @@ batch otherwise, nothing with ``--quiet``. Ctrl-C keeps every finished sample in
 prints the command that resumes. ``report`` prints the merged table and writes the JSON summary
 (default ``DIR/report.json`` of the first DIR). Exit status 2 on bad input (a locked or
 mismatched journal included), 3 when a requested stage is unavailable (see
-``--skip-unavailable``) or alpha,beta-CROWN fails (``--verifier abcrown``), 130 when
-interrupted.
+``--skip-unavailable``) or alpha,beta-CROWN fails on its first batch (the ``abcrown`` stage), 130
+when interrupted.
 """
 from __future__ import annotations
 
@@ -27,6 +37,9 @@ import json
 import pathlib
 import shlex
 import sys
+from typing import Optional
+
+from adcert.certify.stages import DEFAULT_SAMPLE_TIMEOUT, DEFAULT_STAGES, DEFAULT_TIMEOUT
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,11 +65,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset name (adcert.data), its test split is certified")
     p.add_argument("--data-dir", default=None, help="data directory (default $ADCERT_DATA)")
     p.add_argument("--n", type=int, default=None, help="certify the first N test samples")
-    p.add_argument("--stages", default="autoattack,ibp,crown,alpha-crown",
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                    help="comma-separated stages after 'clean' (autoattack, ibp, crown, "
-                        "alpha-crown, bab)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per sample for the branch-and-bound stage")
+                        "alpha-crown, bab-relu, bab, abcrown; default: %(default)s)")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                   help="seconds per sample for a branch-and-bound stage (bab-relu, bab, "
+                        "abcrown; 0: no limit, but abcrown always gets one: the default; "
+                        "default: %(default)s)")
+    p.add_argument("--sample-timeout", type=_seconds, default=DEFAULT_SAMPLE_TIMEOUT,
+                   help="seconds per sample for all its stages together (0: no limit; "
+                        "default: %(default)s)")
     p.add_argument("--shard", default=None, help="i/n: certify shard i of n (default 0/1, or "
                    "RANK/WORLD_SIZE under torchrun)")
     p.add_argument("--out", default="certify-out", help="journal directory")
@@ -68,8 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled nn.Module (runs code from the file)")
     p.add_argument("--verifier", choices=("ours", "abcrown"), default="ours",
-                   help="'abcrown': after the clean check, run the official alpha,beta-CROWN on "
-                        "every sample instead of --stages (--timeout per sample, default 30 s)")
+                   help="'abcrown': the older spelling of '--stages abcrown' (after the clean "
+                        "check, the official alpha,beta-CROWN on every sample; --stages is "
+                        "ignored)")
     p.add_argument("--abcrown", default=None, help="alpha,beta-CROWN's complete_verifier/"
                    "abcrown.py (default $ADCERT_ABCROWN)")
     p.add_argument("--abcrown-config", default=None, help="a YAML file of abcrown settings "
@@ -77,6 +96,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true",
                    help="no progress output (default: a progress bar with the verdict counts "
                         "when stderr is a terminal, else one line per batch)")
+
+
+def _seconds(text: str) -> Optional[float]:
+    """``--timeout``, ``--sample-timeout``: seconds >= 0; 0 means no limit (``None``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (0: no limit), got {text!r}") \
+            from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), got {text!r}")
+    return v or None
 
 
 def _number(text: str) -> float:
@@ -115,6 +146,9 @@ def resume_command(args: argparse.Namespace) -> str:
     words = ["adcert", "certify"]
     for action in parser._actions:
         value = getattr(args, action.dest, action.default)
+        if value is None and action.type is _seconds and action.default is not None:
+            words += [action.option_strings[0], "0"]  # no limit
+            continue
         if value is None or value == action.default or not action.option_strings:
             continue
         if action.nargs == 0:  # a flag
@@ -151,15 +185,19 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))
-        meta, abcrown = {"checkpoint": str(args.checkpoint), "dataset": args.dataset}, None
-        if args.verifier == "abcrown":  # found (or a clear error) before any work
+        meta = {"checkpoint": str(args.checkpoint), "dataset": args.dataset}
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if args.verifier == "abcrown":  # the older spelling of --stages abcrown
+            stages = ["abcrown"]
+        if "abcrown" in (s.lower() for s in stages):  # found (or a clear error) before any work
             from adcert.certify.abcrown import AbcrownStage
 
             work = pathlib.Path(args.out) / f"abcrown-{shard[0]}-of-{shard[1]}"
-            abcrown = AbcrownStage(args.abcrown, timeout=args.timeout or 30.0,
+            abcrown = AbcrownStage(args.abcrown, timeout=args.timeout or DEFAULT_TIMEOUT,
                                    device=args.device, workdir=work,
                                    config=_abcrown_overrides(args.abcrown_config))
             meta["abcrown"] = str(abcrown.script)
+            stages = [abcrown if s.lower() == "abcrown" else s for s in stages]
         model = load_model(args.checkpoint, args.device, trust_pickle=args.trust_pickle)
         model = model.to(getattr(torch, args.dtype))
         # what determines a verdict besides what certify() sees (the checkpoint by content)
@@ -169,12 +207,10 @@ def _run(args: argparse.Namespace) -> int:
 
         x, y = load_dataset(args.dataset, "test", args.data_dir)
         x, y = subset(x, y, args.n)
-        stages = [s for s in args.stages.split(",") if s.strip()]
-        if abcrown is not None:
-            stages = [abcrown]
         bar = not args.quiet and sys.stderr.isatty()
         res = certify(model, x, y, args.eps, stages=stages, out_dir=args.out, shard=shard,
                       batch_size=args.batch_size, timeout=args.timeout,
+                      sample_timeout=args.sample_timeout,
                       skip_unavailable=args.skip_unavailable, meta=meta,
                       fingerprint=fingerprint, progress=bar,
                       log=None if args.quiet or bar else lambda s: print(s, file=sys.stderr))

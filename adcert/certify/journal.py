@@ -7,7 +7,10 @@ A journal file holds one JSON object per line:
   fingerprint, or it is refused (a different eps or model in the same file would mix two
   experiments).
 * ``{"type": "run", ...}``: one per (re)start: time, which stages were unavailable and why, sound.
-* ``{"type": "sample", "index": i, "verdict": v, "stage": s, ...}``: one per finished sample.
+* ``{"type": "sample", "index": i, "verdict": v, "stage": s, ...}``: one per finished sample,
+  with ``stage_times`` (the sample's own seconds in each stage it reached, see "Time" in
+  :mod:`adcert.certify.pipeline`), ``time`` (their sum) and ``timed_out: true`` when the
+  whole-sample time limit ended it ``unknown``.
 
 Each line is written with ONE ``os.write`` of the whole line including its ``"\\n"`` on an
 ``O_APPEND`` descriptor, then fsynced. So a kill can only leave the LAST line without its newline:

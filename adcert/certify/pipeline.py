@@ -1,9 +1,28 @@
 """``certify``: the staged, journaled, resumable, sharded certification loop.
 
 Per sample, in order, each stage only on what the previous ones left undecided: ``clean``
-(misclassified), then the requested stages (default ``autoattack``, ``ibp``, ``crown``,
-``alpha-crown``; ``bab`` is the complete input-split verifier for tiny models). Verdicts:
-``misclassified``, ``attacked``, ``certified`` (with the deciding stage) or ``unknown``.
+(misclassified), then the requested stages (default the papers' pipeline: ``autoattack``, ``ibp``,
+``crown``, ``alpha-crown``, ``bab-relu``; ``bab`` is the complete input-split verifier for tiny
+models; ``abcrown``, the external alpha,beta-CROWN, can be appended to decide what ours left).
+Verdicts: ``misclassified``, ``attacked``, ``certified`` (with the deciding stage) or
+``unknown``.
+
+Time. Each sample record has ``stage_times`` (seconds per stage, the sample's own) and ``time``
+(their sum). Stages run on a batch; a stage that measures each sample itself reports it
+(``Outcome.times``: ``bab`` and ``bab-relu`` time each sample's search, ``abcrown`` reports each
+instance's seconds), and the rest of the stage's wall time (start-up, batching) is shared
+equally; a stage that cannot be split by sample (AutoAttack, IBP, CROWN, alpha-CROWN: one pass
+over the batch) gives each sample its wall time divided by the samples it ran on. So the times
+of a stage's samples add up to its wall time, and the report's totals add up. ``timeout``
+limits a branch-and-bound stage per sample (default 400 s); ``sample_timeout`` limits a sample's
+deciding stages together (default 1000 s; AD-CERT F.4, the radius is not counted). It is
+enforced at two granularities: between stages (a sample whose time has reached it gets no
+further stage and ends ``unknown``, with ``timed_out: true``), and inside the stages that take a
+time limit (``bab``, ``bab-relu``: the sample's remaining budget caps its search, checked between
+rounds of domains; ``abcrown``: the batch's largest remaining budget caps abcrown's per-instance
+timeout). A stage that runs as one pass (AutoAttack, the bound stages) is not interrupted: started
+within the budget it finishes, and its verdict counts; a sample still undecided after it, beyond
+the budget, ends ``unknown`` (``timed_out``).
 
 Each sample's record is appended to the shard's journal (``journal-<i>-of-<n>.jsonl`` in
 ``out_dir``) as soon as its verdict is final; a rerun with the same ``out_dir`` skips every
@@ -31,6 +50,7 @@ with the reason, and every sample record names the stages it skipped.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import pathlib
@@ -49,7 +69,10 @@ from adcert.certify.fingerprint import (
 from adcert.certify.journal import (
     Journal, JournalLock, JournalLocked, journal_name, read_journal,
 )
-from adcert.certify.stages import DEFAULT_STAGES, STAGE_NAMES, RadiusStage, make_stage
+from adcert.certify.stages import (
+    DEFAULT_SAMPLE_TIMEOUT, DEFAULT_STAGES, DEFAULT_TIMEOUT, STAGE_NAMES, TIMEOUT_STAGES,
+    RadiusStage, make_stage,
+)
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -163,11 +186,12 @@ def _save_adv(out_dir: pathlib.Path, index: int, adv: Tensor) -> str:
 def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
             stages: Sequence[str] = DEFAULT_STAGES, out_dir: Optional[PathLike] = None,
             shard: Tuple[int, int] = (0, 1), indices: Optional[Sequence[int]] = None,
-            batch_size: int = 64, timeout: Optional[float] = None, sound: bool = True,
+            batch_size: int = 64, timeout: Optional[float] = DEFAULT_TIMEOUT, sound: bool = True,
             skip_unavailable: bool = False, stage_options: Optional[Dict[str, Dict]] = None,
             radius: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None,
             log=None, fingerprint: Optional[Dict[str, Any]] = None,
-            progress=None) -> CertifyResult:
+            progress=None, sample_timeout: Optional[float] = DEFAULT_SAMPLE_TIMEOUT
+            ) -> CertifyResult:
     """Certify the samples of shard ``shard`` of ``(x, y)`` at L-inf radius ``eps``.
 
     Args:
@@ -177,12 +201,17 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
         eps: the radius (pixel space).
         stages: the stages after ``clean``, in order (names in :data:`STAGE_NAMES`, or stage
             objects with ``name``, ``unavailable`` and ``run``, e.g.
-            :class:`adcert.certify.abcrown.AbcrownStage`).
+            :class:`adcert.certify.abcrown.AbcrownStage`; ``abcrown`` by name builds one from
+            ``stage_options["abcrown"]`` and ``$ADCERT_ABCROWN``). Default: the papers'
+            pipeline ``autoattack, ibp, crown, alpha-crown, bab-relu``.
         out_dir: the journal directory (``None``: no journal, nothing resumable).
         shard: ``(i, n)``: this call handles global indices ``k`` with ``k % n == i``.
         indices: the global index of each row of ``x`` (default ``0..N-1``).
         batch_size: samples per batch through the stages.
-        timeout: seconds per sample for the ``bab`` stage.
+        timeout: seconds per sample of a branch-and-bound stage (``bab``, ``bab-relu``,
+            ``abcrown`` given by name; default 400, AD-CERT F.4; ``None``: no limit).
+        sample_timeout: seconds per sample for all its stages together (default 1000, AD-CERT
+            F.4; ``None``: no limit); see "Time" in the module docstring.
         sound: certify with rigorous floating-point bounds (the default; ``False`` is for tests
             and debugging, and is recorded in the journal as NOT a certificate).
         skip_unavailable: leave out stages that cannot run (recorded) instead of raising
@@ -211,6 +240,9 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     i_shard, n_shards = parse_shard(f"{shard[0]}/{shard[1]}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    for arg, v in (("timeout", timeout), ("sample_timeout", sample_timeout)):
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"{arg}: expected seconds > 0 or None, got {v!r}")
     n_total = x.shape[0]
     index = list(range(n_total)) if indices is None else [int(k) for k in indices]
     if len(index) != n_total or len(set(index)) != n_total:
@@ -228,13 +260,20 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     num_classes = _num_classes(model, x)
+    # built before any file is touched: a stage that cannot be built (e.g. abcrown not found)
+    # fails here
+    stage_objs = [make_stage("clean", num_classes)] + [
+        given[n] if n in given else
+        make_stage(n, num_classes, sound=sound, timeout=timeout, options=stage_options)
+        for n in names]
 
     header = {"type": "meta", "version": 2, "eps": eps, "stages": ["clean"] + names,
               "shard": [i_shard, n_shards], "n_total": n_total, "sound": bool(sound),
-              "radius": dict(radius) if radius else None, **(meta or {})}
+              "radius": dict(radius) if radius else None, "sample_timeout": sample_timeout,
+              **(meta or {})}
     if out is not None:
-        header["fingerprint"] = _fingerprint(header, model, x, names, given, stage_options,
-                                             timeout, data_sha, fingerprint)
+        header["fingerprint"] = _fingerprint(header, model, x, names, given, stage_objs,
+                                             stage_options, timeout, data_sha, fingerprint)
     mine = [p for p, k in enumerate(index) if k % n_shards == i_shard]
     path, done = None, {}
     with contextlib.ExitStack() as stack:
@@ -248,10 +287,6 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
             done = dict(contents.samples)
         todo = [p for p in mine if index[p] not in done]
 
-        stage_objs = [make_stage("clean", num_classes)] + [
-            given[n] if n in given else
-            make_stage(n, num_classes, sound=sound, timeout=timeout, options=stage_options)
-            for n in names]
         radius_stage = RadiusStage(sound=sound, **radius) if radius else None
         unavailable: Dict[str, str] = {}
         if todo:
@@ -306,15 +341,26 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                         s["radius"] = r
                         s["stage_times"]["radius"] = (time.perf_counter() - t0) / len(pos)
                 for st in active:
+                    if sample_timeout is not None:  # out of time: unknown, no more stages
+                        late = [l for l in open_ if _spent(state[l]) >= sample_timeout]
+                        for local in late:
+                            s = state[local]
+                            s["verdict"], s["stage"], s["timed_out"] = "unknown", None, True
+                            finish(local, pos, yb, s)
+                        open_ = [l for l in open_ if l not in late]
                     if not open_:
                         break
+                    kw = {}
+                    if sample_timeout is not None and _takes(st.run, "time_limits"):
+                        kw["time_limits"] = [sample_timeout - _spent(state[l]) for l in open_]
                     t0 = time.perf_counter()
-                    res = st.run(model, xb[open_], yb[open_], eps)
-                    share = (time.perf_counter() - t0) / len(open_)
+                    res = st.run(model, xb[open_], yb[open_], eps, **kw)
+                    times = attribute_times(time.perf_counter() - t0,
+                                            getattr(res, "times", None), len(open_))
                     still = []
                     for j, local in enumerate(open_):
                         s = state[local]
-                        s["stage_times"][st.name] = share
+                        s["stage_times"][st.name] = times[j]
                         s["values"][st.name] = res.values[j]
                         extra = getattr(res, "extra", None)  # optional per-sample JSON-able info
                         if extra and extra[j] is not None:
@@ -330,6 +376,8 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                 for local in open_:
                     s = state[local]
                     s["verdict"], s["stage"] = "unknown", None
+                    if sample_timeout is not None and _spent(s) >= sample_timeout:
+                        s["timed_out"] = True
                     finish(local, pos, yb, s)
                 if log is not None:
                     log(f"certify shard {i_shard}/{n_shards}: {min(b + batch_size, len(todo))}"
@@ -347,20 +395,51 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     return CertifyResult({k: done[k] for k in sorted(done)}, computed, unavailable, path)
 
 
+def attribute_times(wall: float, own: Optional[Sequence[Optional[float]]], n: int
+                    ) -> List[float]:
+    """Each sample's share of a stage's ``wall`` seconds on ``n`` samples: its own measured
+    seconds ``own[j]`` (a stage's ``Outcome.times``) plus an equal share of the rest (start-up,
+    batching overhead), or -- without usable ``own`` times -- ``wall / n`` each (a batched
+    bound pass cannot be split by sample). The shares sum to ``wall``."""
+    if not own or len(own) != n or not all(
+            isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in own):
+        return [wall / n] * n
+    total = float(sum(own))
+    if total > wall:  # two clocks: scale down to the wall time
+        return [t * wall / total for t in own]
+    return [t + (wall - total) / n for t in own]
+
+
+def _takes(fn, keyword: str) -> bool:
+    """Does the callable ``fn`` accept the keyword argument ``keyword``?"""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == keyword and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or
+               p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _spent(s: Dict[str, Any]) -> float:
+    """A sample's seconds so far in its deciding stages (the radius is not one)."""
+    return sum(v for k, v in s["stage_times"].items() if k != "radius")
+
+
 def _fingerprint(header: Dict[str, Any], model: nn.Module, x: Tensor, names: List[str],
-                 given: Dict[str, Any], stage_options: Optional[Dict[str, Dict]],
-                 timeout: Optional[float], data_sha: Optional[str],
-                 extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+                 given: Dict[str, Any], stage_objs: List[Any],
+                 stage_options: Optional[Dict[str, Dict]], timeout: Optional[float],
+                 data_sha: Optional[str], extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Everything that determines a verdict (see :mod:`adcert.certify.fingerprint`)."""
     options = {n: (stage_options or {})[n] for n in names if n in (stage_options or {})}
-    for n, obj in given.items():  # stage objects describe their own settings
+    for obj in stage_objs:  # stages that describe their own settings (AutoAttack, abcrown)
         fp = getattr(obj, "fingerprint", None)
         if callable(fp):
-            options[n] = fp()
-    uses_timeout = any(n in ("bab", "bab-relu") for n in names)
+            options[obj.name] = fp()
+    uses_timeout = any(n in TIMEOUT_STAGES and n not in given for n in names)
     fp = {"eps": header["eps"], **(extra or {})}  # in the order a message lists differences
     fp.update({"n_total": header["n_total"], "stages": header["stages"],
                "stage_options": options, "timeout": timeout if uses_timeout else None,
+               "sample_timeout": header["sample_timeout"],
                "dtype": str(x.dtype).replace("torch.", ""), "sound": header["sound"],
                "radius": header["radius"], "shard": header["shard"],
                "model": model_sha256(model), "data": data_sha})
@@ -419,7 +498,7 @@ def _finish(journal, index: int, label: int, s: Dict[str, Any], skipped: List[st
            "stage": stage, "margin": s["values"].get(stage) if stage else None,
            "values": s["values"], "stage_times": s["stage_times"],
            "time": sum(s["stage_times"].values()), "skipped": skipped}
-    for key in ("adv", "radius", "extra"):
+    for key in ("adv", "radius", "extra", "timed_out"):
         if key in s:
             rec[key] = s[key]
     if journal is not None:

@@ -39,7 +39,11 @@ def find_journals(dirs: Sequence[PathLike]) -> List[pathlib.Path]:
 
 
 def report(dirs: Sequence[PathLike]) -> Dict[str, Any]:
-    """The merged summary (a JSON-able dict; see :func:`format_table` for the fields)."""
+    """The merged summary (a JSON-able dict; see :func:`format_table` for the fields). Times are
+    the journals' per-sample stage times (each sample's own share of a stage, see
+    :mod:`adcert.certify.pipeline`): ``per_stage[s]["time_s"]`` sums stage ``s`` over the
+    samples it ran on, and ``time_s`` sums every sample's ``time`` (= its stage times), so
+    ``time_s`` is the sum of the per-stage totals."""
     files = find_journals(dirs)
     meta_ref, ref_file = None, None
     owner: Dict[int, pathlib.Path] = {}
@@ -107,6 +111,8 @@ def summarize(records: List[Dict[str, Any]], meta: Dict[str, Any], shards, unava
         "n_total": n_total, "done": done, "missing": n_total - done,
         "shards": [list(s) for s in shards], "num_shards": meta["shard"][1],
         "counts": counts,
+        "timed_out": sum(bool(r.get("timed_out")) for r in records),
+        "sample_timeout": meta.get("sample_timeout"),
         "clean_accuracy": frac(done - counts["misclassified"]),
         "autoattack_accuracy": frac(done - counts["misclassified"] - counts["attacked"])
         if has_aa else None,
@@ -130,13 +136,17 @@ def format_table(s: Dict[str, Any]) -> str:
              f"certified accuracy  {pct(s['certified_accuracy'])}"]
     if s["acr"] is not None:
         lines.append(f"ACR                 {s['acr']:.5f}  (mean radius / eps_max)")
-    lines.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in s["counts"].items()))
+    lines.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in s["counts"].items())
+                 + (f" ({s['timed_out']} unknown at the sample timeout of "
+                    f"{s['sample_timeout']} s)" if s.get("timed_out") else ""))
     lines.append(f"{'stage':<12}{'ran':>8}{'decided':>9}{'total s':>11}{'s/sample':>11}  verdicts")
     for name, st in s["per_stage"].items():
         mean = "-" if st["mean_time_s"] is None else f"{st['mean_time_s']:.4g}"
         note = " UNAVAILABLE: " + s["unavailable"][name] if name in s["unavailable"] else ""
         lines.append(f"{name:<12}{st['ran']:>8}{st['decided']:>9}{st['time_s']:>11.3f}"
                      f"{mean:>11}  {st['verdicts'] or ''}{note}")
+    lines.append(f"{'all':<12}{s['done']:>8}{'':>9}{s['time_s']:>11.3f}"
+                 f"{(s['time_s'] / s['done'] if s['done'] else 0):>11.4g}  (sum of the stages)")
     return "\n".join(lines)
 
 

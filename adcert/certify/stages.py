@@ -6,6 +6,20 @@ and ``run(model, x, y, eps) -> Outcome``. ``x: [B, *in]`` in [0, 1] in the model
 ``y: [B]`` int64, ``eps`` a float. New stages (an external alpha,beta-CROWN adapter, ...) plug in
 by implementing these two methods; :func:`make_stage` builds the standard ones by name.
 
+Optional parts of the interface, used by the pipeline when present:
+
+* ``run(model, x, y, eps, time_limits=[...])``: a stage whose ``run`` takes this keyword gets
+  one limit per sample (seconds, or ``None``: only the stage's own limit), the rest of each sample's
+  whole-sample budget (``sample_timeout`` of :func:`~adcert.certify.pipeline.certify`); the stage
+  gives up on a sample (undecided) once its own time on it passes the limit. ``bab``,
+  ``bab-relu`` (per sample) and ``abcrown`` (per batch: its largest limit) take them.
+* ``Outcome.times``: the seconds the stage spent on each sample, measured by the stage itself
+  (``bab``, ``bab-relu``: each sample's search; ``abcrown``: each instance's seconds as
+  abcrown reports them). Without them the pipeline splits the stage's wall time equally over
+  the samples it ran on.
+* ``fingerprint() -> dict``: the settings that decide verdicts (journaled; a resumed run must
+  have the same).
+
 Soundness rules every stage obeys: "certified" only from margin lower bounds computed with
 ``sound=True`` (unless the caller explicitly asked for an unsound run, which the journal records),
 strictly positive for every ``i != y``; "attacked"/"misclassified" only with a point inside the
@@ -20,7 +34,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from adcert.attacks.autoattack import STANDARD, autoattack, margins, verify_counterexamples
+from adcert.attacks.autoattack import (
+    SQUARE_P_INIT, SQUARE_QUERIES, STANDARD, STEPS, TARGET_CLASSES, autoattack, margins, n_targets,
+    verify_counterexamples,
+)
 
 Tensor = torch.Tensor
 
@@ -35,10 +52,14 @@ class Outcome:
     values:   ``B`` floats or ``None``: the stage's margin (clean: ``z_y - max z_i``; attack: the
               same at the best candidate; bound stages: the worst lower bound of ``z_y - z_i``).
     adv:      ``B`` entries, a verified counterexample ``[*in]`` or ``None``.
+    times:    empty, or ``B`` entries: the seconds the stage spent on each sample by its own
+              measurement (see the module docstring; the pipeline adds any overhead outside
+              them, shared equally).
     """
     verdicts: List[Optional[str]]
     values: List[Optional[float]]
     adv: List[Optional[Tensor]] = field(default_factory=list)
+    times: List[Optional[float]] = field(default_factory=list)
 
 
 def _floats(t: Tensor) -> List[Optional[float]]:
@@ -67,13 +88,30 @@ class CleanStage:
 
 class AutoAttackStage:
     """Step 2: AutoAttack (standard L-inf) through torchattacks; every counterexample is verified
-    by :func:`~adcert.attacks.autoattack.verify_counterexamples` and returned in ``adv``."""
+    by :func:`~adcert.attacks.autoattack.verify_counterexamples` and returned in ``adv``.
+
+    The settings default to the reference ``autoattack`` package's standard version: APGD-CE,
+    APGD-T and FAB-T with ``steps`` = 100 iterations (per target for the targeted ones),
+    ``target_classes`` = 9 targets (``min(9, C - 1)`` used), Square with ``square_queries`` = 5000
+    queries and ``square_p_init`` = 0.8, one restart each (see
+    :func:`~adcert.attacks.autoattack.autoattack`)."""
     name = "autoattack"
 
     def __init__(self, num_classes: int, components: Sequence[str] = STANDARD, seed: int = 0,
-                 square_queries: int = 5000):
+                 square_queries: int = SQUARE_QUERIES, steps: int = STEPS,
+                 target_classes: int = TARGET_CLASSES, square_p_init: float = SQUARE_P_INIT,
+                 square_rescale_schedule: bool = False):
         self.num_classes, self.components = int(num_classes), tuple(components)
         self.seed, self.square_queries = seed, square_queries
+        self.steps, self.target_classes = steps, target_classes
+        self.square_p_init, self.square_rescale_schedule = square_p_init, square_rescale_schedule
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """The settings that decide its verdicts (part of the journal's fingerprint)."""
+        return {"components": list(self.components), "seed": self.seed, "steps": self.steps,
+                "target_classes": n_targets(self.num_classes, self.target_classes),
+                "square_queries": self.square_queries, "square_p_init": self.square_p_init,
+                "square_rescale_schedule": self.square_rescale_schedule}
 
     def unavailable(self, model, x, y, eps) -> Optional[str]:
         try:
@@ -89,7 +127,9 @@ class AutoAttackStage:
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Outcome:
         cand = autoattack(model, x, y, eps, self.num_classes, self.components, self.seed,
-                          self.square_queries)
+                          self.square_queries, steps=self.steps,
+                          target_classes=self.target_classes, square_p_init=self.square_p_init,
+                          square_rescale_schedule=self.square_rescale_schedule)
         broken, x_proj, m = verify_counterexamples(model, x, cand, y, eps)
         flags = broken.tolist()
         return Outcome(["attacked" if b else None for b in flags], _floats(m),
@@ -156,8 +196,11 @@ class RadiusStage:
 
 def make_stage(name: str, num_classes: int, sound: bool = True, timeout: Optional[float] = None,
                options: Optional[Dict[str, Dict[str, Any]]] = None):
-    """A stage by name: ``clean``, ``autoattack``, ``ibp``, ``crown``, ``alpha-crown``, ``bab``.
-    ``options[name]`` are keyword arguments for that stage (bound options for bound stages)."""
+    """A stage by name: ``clean``, ``autoattack``, ``ibp``, ``crown``, ``alpha-crown``, ``bab``,
+    ``bab-relu``, ``abcrown``. ``options[name]`` are keyword arguments for that stage (bound
+    options for bound stages; :class:`~adcert.certify.abcrown.AbcrownStage`'s for ``abcrown``,
+    whose verifier is found by its ``abcrown`` option or ``$ADCERT_ABCROWN``). ``timeout``:
+    seconds per sample of the branch-and-bound stages (``bab``, ``bab-relu``, ``abcrown``)."""
     opts = dict((options or {}).get(name, {}))
     if name == "clean":
         return CleanStage()
@@ -173,12 +216,27 @@ def make_stage(name: str, num_classes: int, sound: bool = True, timeout: Optiona
         from adcert.certify.bab_relu import ReluSplitBaB
 
         return ReluSplitBaB(sound=sound, timeout=timeout, **opts)
+    if name == "abcrown":  # the external alpha,beta-CROWN (its float certificate, not sound)
+        from adcert.certify.abcrown import AbcrownStage
+
+        if timeout is not None:
+            opts.setdefault("timeout", timeout)
+        return AbcrownStage(**opts)
     raise ValueError(f"stages: unknown stage {name!r}; known: clean, autoattack, "
-                     f"{', '.join(BOUND_METHODS)}, bab, bab-relu")
+                     f"{', '.join(BOUND_METHODS)}, bab, bab-relu, abcrown")
 
 
-STAGE_NAMES = ("clean", "autoattack") + BOUND_METHODS + ("bab", "bab-relu")
-DEFAULT_STAGES = ("autoattack", "ibp", "crown", "alpha-crown")
+STAGE_NAMES = ("clean", "autoattack") + BOUND_METHODS + ("bab", "bab-relu", "abcrown")
+#: The papers' pipeline (AD-CERT F.4, CTBench B.5): AutoAttack, then ever stronger verifiers, each
+#: on what the previous ones left undecided, ending in branch-and-bound over ReLU splits.
+DEFAULT_STAGES = ("autoattack", "ibp", "crown", "alpha-crown", "bab-relu")
+#: Seconds per sample of the branch-and-bound stage, and for the whole sample (all stages), as in
+#: AD-CERT F.4 ("a timeout of 400 seconds for the alpha,beta-CROWN branch-and-bound stage and an
+#: overall timeout of 1000 seconds per example").
+DEFAULT_TIMEOUT, DEFAULT_SAMPLE_TIMEOUT = 400.0, 1000.0
+#: The stages that take ``timeout`` (seconds per sample of their search).
+TIMEOUT_STAGES = ("bab", "bab-relu", "abcrown")
 
-__all__ = ["Outcome", "CleanStage", "AutoAttackStage", "BoundStage", "RadiusStage", "make_stage", "worst_margin",
-           "STAGE_NAMES", "DEFAULT_STAGES", "BOUND_METHODS"]
+__all__ = ["Outcome", "CleanStage", "AutoAttackStage", "BoundStage", "RadiusStage", "make_stage",
+           "worst_margin", "STAGE_NAMES", "DEFAULT_STAGES", "BOUND_METHODS", "DEFAULT_TIMEOUT",
+           "DEFAULT_SAMPLE_TIMEOUT", "TIMEOUT_STAGES"]
