@@ -63,8 +63,8 @@ class ADCert(IBPFamily):
         check_attack_hparams(self.name, steps, restarts, step_size)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{self.name}: alpha must be in [0, 1], got {alpha}")
-        if int(steps) < 0 or attack_range_scale <= 0 or tau <= 0:
-            raise ValueError(f"{self.name}: expected steps >= 0, attack_range_scale > 0, tau > 0")
+        if attack_range_scale <= 0 or tau <= 0:
+            raise ValueError(f"{self.name}: expected attack_range_scale > 0 and tau > 0")
         self.teacher = freeze_teacher(teacher)
         self.alpha, self.steps, self.scale = float(alpha), int(steps), float(attack_range_scale)
         self.step_size, self.tau, self.alpha_ramp = step_size, float(tau), bool(alpha_ramp)

@@ -49,8 +49,8 @@ class CCDist(IBPFamily):
             raise ValueError(f"cc-dist: alpha must be in [0, 1], got {alpha}")
         if beta is not None and not beta >= 0:
             raise ValueError(f"cc-dist: beta must be >= 0 (or None for 5 / k), got {beta}")
-        if int(steps) < 0 or attack_range_scale <= 0:
-            raise ValueError("cc-dist: expected steps >= 0 and attack_range_scale > 0")
+        if attack_range_scale <= 0:
+            raise ValueError("cc-dist: expected attack_range_scale > 0")
         self.teacher = freeze_teacher(teacher)
         self.teacher_h, _ = split_before_last_linear(teacher, "teacher")
         self.alpha, self.beta = float(alpha), None if beta is None else float(beta)

@@ -25,8 +25,8 @@ class _Expressive(IBPFamily):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{self.name}: alpha must be in [0, 1], got {alpha}")
         check_attack_hparams(self.name, steps, restarts, step_size)
-        if int(steps) < 0 or attack_range_scale <= 0:
-            raise ValueError(f"{self.name}: expected steps >= 0 and attack_range_scale > 0")
+        if attack_range_scale <= 0:
+            raise ValueError(f"{self.name}: expected attack_range_scale > 0")
         self.alpha, self.steps, self.scale = float(alpha), int(steps), float(attack_range_scale)
         self.step_size, self.restarts = step_size, int(restarts)
 

@@ -19,9 +19,8 @@ class PGD(IBPFamily):
                  step_size: float = None, restarts: int = 3):
         super().__init__(w_rob, 0.0, 0.5)
         check_attack_hparams(self.name, steps, restarts, step_size)
-        if int(steps) < 0 or attack_range_scale <= 0:
-            raise ValueError(f"pgd: expected steps >= 0 and attack_range_scale > 0, got {steps}, "
-                             f"{attack_range_scale}")
+        if attack_range_scale <= 0:
+            raise ValueError(f"pgd: expected attack_range_scale > 0, got {attack_range_scale}")
         self.steps, self.scale = int(steps), float(attack_range_scale)
         self.step_size, self.restarts = step_size, int(restarts)
 

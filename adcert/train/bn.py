@@ -19,14 +19,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Dict, Iterable, Mapping, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from adcert.attacks.bn import override_bn_forward
-from adcert.bounds.bn import normalise
+from adcert.bounds.bn import batch_stats, normalise
 
 Tensor = torch.Tensor
 BNStats = Dict[nn.Module, Tuple[Tensor, Tensor]]
@@ -57,12 +57,12 @@ def batch_statistics(h: Tensor) -> Tuple[Tensor, Tensor, int]:
     """``(mean [C], biased var [C], n)`` of ``h: [B, C, *]`` per channel over the batch and
     spatial dimensions of every process (``n`` elements per channel in all), differentiable.
     Two-pass: the mean, then the centred sum of squares."""
-    dims = [0] + list(range(2, h.dim()))
-    shape = [1, -1] + [1] * (h.dim() - 2)
     n_local = h.numel() // h.shape[1]
     if not _distributed():
-        var, mean = torch.var_mean(h, dim=dims, correction=0)
+        mean, var = batch_stats(h)
         return mean, var, n_local
+    dims = [0] + list(range(2, h.dim()))
+    shape = [1, -1] + [1] * (h.dim() - 2)
     total = _all_reduce(torch.cat([h.sum(dims), h.new_tensor([n_local])]))
     count = total[-1].detach()
     mean = total[:-1] / count
@@ -117,7 +117,7 @@ class StepBatchNorm:
     def __init__(self, model: nn.Module, detach: bool = False):
         self.model = model
         self.detach = bool(detach)
-        self.bns: List[nn.Module] = training_bns(model)
+        self.bns: Set[nn.Module] = set(training_bns(model))
         self.stats: BNStats = {}
         self.counts: Dict[nn.Module, int] = {}
         self.view = StepStats(self)
@@ -134,9 +134,8 @@ class StepBatchNorm:
         return fwd
 
     def __enter__(self) -> "StepBatchNorm":
-        bns = set(self.bns)
         self._ctx = override_bn_forward(self.model,
-                                        lambda m: self._forward(m) if m in bns else None)
+                                        lambda m: self._forward(m) if m in self.bns else None)
         self._ctx.__enter__()
         return self
 

@@ -446,9 +446,8 @@ class Trainer:
                        cfg.eps)
         self.model.train()
         step_bn = bnlib.StepBatchNorm(self.model, detach=cfg.bn_mode == "frozen")
-        micro = [(x, y, index)] if self.micro_batch >= len(y) else list(zip(
-            x.split(self.micro_batch), y.split(self.micro_batch),
-            [None] * len(y) if index is None else index.split(self.micro_batch)))
+        micro = list(zip(x.split(self.micro_batch), y.split(self.micro_batch),
+                         [None] * len(y) if index is None else index.split(self.micro_batch)))
         if len(micro) > 1:  # full-batch statistics for every micro-batch (DESIGN.md section 5)
             step_bn.precompute(x)
         self.opt.zero_grad(set_to_none=True)
