@@ -113,13 +113,10 @@ def test_crown_ibp_differentiable_wrt_parameters():
 
 
 def test_sound_rejects_unsupported_pool_and_dtype():
-    """What the sound path still refuses: pooling modules other than AvgPool2d /
-    AdaptiveAvgPool2d, and dtypes other than float32/float64 (clear errors)."""
-    from adcert.bounds.crown_sound import pool_terms
-    from adcert.bounds.linear_relax import AffineOp
-    op = AffineOp("pool", pool=nn.AvgPool1d(2), in_shape=(2, 4), out_shape=(2, 2))
+    """What the sound path still refuses: pooling modules other than the registered ones, and
+    dtypes other than float32/float64 (clear errors)."""
     with pytest.raises(NotImplementedError, match="AvgPool1d"):
-        pool_terms(op)
+        compute_bounds(nn.Sequential(nn.AvgPool1d(2)), torch.rand(2, 2, 4), 0.1, sound=True)
     model, x, y, _, _ = make("eval")
     with pytest.raises(TypeError, match="float32 or float64"):
         compute_bounds(model.to(torch.bfloat16), x.to(torch.bfloat16), 0.01, method="crown",
@@ -226,16 +223,18 @@ def test_identity_only_residual_doubles():
                                   nn.AdaptiveAvgPool2d((2, 3))])
 def test_pool_backward_is_the_adjoint(pool):
     """``A P`` from the pool op equals ``A`` times the pooling's dense Jacobian."""
-    from adcert.bounds.linear_relax import AffineOp
+    from adcert.bounds.layers.avg_pool import AvgPoolPiece
+    from adcert.bounds.layers.base import Walk
     in_shape = (2, 5, 5)
-    op = AffineOp("pool", pool=pool, in_shape=in_shape)
+    op = AvgPoolPiece(pool)
     out_shape = tuple(pool(torch.zeros((1,) + in_shape, dtype=DT)).shape[1:])
-    op.out_shape = out_shape
+    op.in_shape, op.out_shape = in_shape, out_shape
     n_in = 2 * 5 * 5
     J = pool(torch.eye(n_in, dtype=DT).reshape((n_in,) + in_shape)).reshape(n_in, -1).T
     A = torch.randn((2, 4) + out_shape, dtype=DT)
     want = (A.reshape(2, 4, -1) @ J).reshape((2, 4) + in_shape)
-    torch.testing.assert_close(op.backward(A), want, rtol=1e-12, atol=1e-12)
+    (back,), _, _ = op.backward(A, Walk(()))
+    torch.testing.assert_close(back, want, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- sound=True on graphs

@@ -414,10 +414,10 @@ class _Fn(nn.Module):
 
 
 @pytest.mark.parametrize("model, name", [
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), "MaxPool2d"),
-    (_Fn(torch.sigmoid), "sigmoid"),
-    (_Fn(lambda h: h * h), "mul"),
-    (_Fn(lambda h: h * 2.0), "mul"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.LPPool2d(2, 2)), "LPPool2d"),
+    (_Fn(torch.exp), "exp"),
+    (_Fn(lambda h: h * h), "mul.*not linear"),
+    (_Fn(lambda h: 2.0 / h), "truediv.*not linear"),
     (_Fn(lambda h: h.view(-1)), "view"),
     (_Fn(lambda h: torch.flatten(h)), "flatten"),
     (_Fn(lambda h: (h, h)), "tuple"),

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from adcert.bounds.linear_relax import Lowered, adaptive_alpha, backward_lower
+from adcert.bounds.linear_relax import Lowered, backward_lower
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -79,11 +79,16 @@ def alpha_options(opts: dict) -> dict:
     return out
 
 
-def init_alphas(boxes: List[Box], S: int) -> Dict[int, Tensor]:
-    """CROWN's adaptive slopes ``[B, S, *shape]`` for every ReLU with an unstable neuron."""
+def init_alphas(low: Lowered, boxes: List[Box], S: int) -> Dict[int, Tensor]:
+    """The CROWN relaxation's parameters ``[B, S, *shape]`` for every activation that has
+    optimisable ones (ReLU: the adaptive lower slopes; Sigmoid/Tanh: the tangent points),
+    from :meth:`~adcert.bounds.layers.base.Piece.init_alpha`."""
     alphas = {}
     for k, (lo, up) in enumerate(boxes):
-        a = adaptive_alpha(lo, up).unsqueeze(1)
+        a = low.activation(k).init_alpha(lo, up)
+        if a is None:
+            continue
+        a = a.unsqueeze(1)
         alphas[k] = a.expand((a.shape[0], S) + tuple(a.shape[2:])).clone()
     return alphas
 
@@ -168,9 +173,10 @@ def optimize_alpha_beta(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Ten
     if out is not None and not isinstance(out, dict):
         raise TypeError(f"alpha_out: expected a dict to receive the best slopes and multipliers, "
                         f"got {type(out).__name__}")
-    alphas = init_alphas(boxes, S)
-    for k, a in warm_a.items():  # projected: any slope in [0, 1] is valid
-        alphas[k] = a.detach().clamp(0.0, 1.0).clone()
+    alphas = init_alphas(low, boxes, S)
+    for k, a in warm_a.items():  # projected: any parameter in [0, 1] is valid
+        if k in alphas:
+            alphas[k] = a.detach().clamp(0.0, 1.0).clone()
     splits = opts.get("splits") if o["beta"] else None
     betas = init_betas(splits, S, spec.dtype)
     for k, b in warm_b.items():  # projected: any multiplier >= 0 is valid

@@ -56,9 +56,7 @@ from adcert.bounds.crown_sound import (
 )
 from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import check_y_range
-from adcert.bounds.linear_relax import (
-    AffineOp, Lowered, ReluOp, backward_lower, lower_plan,
-)
+from adcert.bounds.linear_relax import Lowered, backward_lower, lower_plan
 from adcert.bounds.sound import strict_float_mode
 from adcert.bounds.spec import margin_spec, zero_label_entry
 
@@ -148,7 +146,11 @@ def check_splits(splits, low: Lowered, B: int) -> Optional[Dict[int, Tensor]]:
     for k, s in splits.items():
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
             raise ValueError(f"splits: keys must be ReLU indices in [0, {n}), got {k!r}")
-        shape = (B,) + low.ops[low.relu_at[k]].shape
+        act = low.activation(k)
+        if not act.splittable:
+            raise ValueError(f"splits: entry {k} is a {type(act).__name__}; only ReLU neurons "
+                             f"can be split")
+        shape = (B,) + act.in_shape
         if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
             raise ValueError(f"splits: entry {k} must be a tensor of shape {shape}, got "
                              f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)}")
@@ -173,8 +175,7 @@ def ibp_is_exact(low: Lowered, end: int) -> bool:
     most one conv/linear/pool/residual join (diagonal maps and reshapes keep a box a box).
     Conservative on a DAG: it counts every op listed before ``end``."""
     ops = low.ops[:end]
-    return not any(isinstance(o, ReluOp) for o in ops) and \
-        sum(1 for o in ops if not isinstance(o, ReluOp) and o.dense) <= 1
+    return not any(o.act_index is not None for o in ops) and sum(1 for o in ops if o.dense) <= 1
 
 
 def unstable_order(lo: Tensor, up: Tensor) -> Tuple[Tensor, int]:
@@ -210,11 +211,10 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
         end = low.relu_input_end(k)  # the ReLU's input is the output of ops[end - 1]
         if not ibp_is_exact(low, end):
             lo, up = box
-            shape = low.ops[at].shape
+            shape = low.ops[at].in_shape
             idx, n_max = unstable_order(lo, up)
             widest = max([math.prod(low.in_shape)] + [
-                math.prod(o.in_shape) if isinstance(o, AffineOp) else math.prod(o.shape)
-                for o in low.ops[:at]])
+                max(math.prod(o.in_shape), math.prod(o.out_shape)) for o in low.ops[:at]])
             chunk = max(1, max_elems // max(1, 2 * B * widest))
             lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
             for s in range(0, n_max, chunk):

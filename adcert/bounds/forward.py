@@ -9,24 +9,15 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds import bn as bnlib
 from adcert.bounds.bn import BNStats
 from adcert.bounds.inputs import check_x
-from adcert.bounds.plan import (
-    AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
-    ReshapeStep, ResidualStep, get_plan,
-)
+from adcert.bounds.layers.base import ForwardCtx, forward_steps
+from adcert.bounds.plan import LayerPlan, get_plan
 
 Tensor = torch.Tensor
-
-
-def _batch_norm(bn: nn.Module, h: Tensor, given: Optional[Mapping],
-                collect: Optional[BNStats], model_training: bool) -> Tensor:
-    mean, var = bnlib.pick_stats(bn, h, given, collect, model_training)
-    return bnlib.normalise(bn, h, mean, var)
 
 
 def clean_forward(plan: LayerPlan, x: Tensor, bn_stats: Optional[Mapping] = None,
@@ -36,45 +27,7 @@ def clean_forward(plan: LayerPlan, x: Tensor, bn_stats: Optional[Mapping] = None
     Training-mode batch norms (see :func:`adcert.bounds.bn.uses_batch_stats`; ``model_training``
     is the model's own ``training`` flag) use ``bn_stats[bn]`` when given, else the batch
     statistics of their clean input, which are then stored in ``collect`` (if given)."""
-    return _forward_steps(plan.steps, x, bn_stats, collect, model_training)
-
-
-def _forward_steps(steps, h: Tensor, bn_stats, collect, model_training: bool) -> Tensor:
-    for step in steps:
-        if isinstance(step, NormalizeStep):
-            h = step.module(h)
-        elif isinstance(step, AffineStep):
-            layer = step.layer
-            if isinstance(layer, nn.Linear):
-                h = F.linear(h, layer.weight, layer.bias)
-            else:
-                h = F.conv2d(h, layer.weight, layer.bias, layer.stride, layer.padding,
-                             layer.dilation, layer.groups)
-            if step.bn is not None:
-                h = _batch_norm(step.bn, h, bn_stats, collect, model_training)
-            if step.relu:
-                h = torch.relu(h)
-        elif isinstance(step, BatchNormStep):
-            h = _batch_norm(step.bn, h, bn_stats, collect, model_training)
-            if step.relu:
-                h = torch.relu(h)
-        elif isinstance(step, ReluStep):
-            h = torch.relu(h)
-        elif isinstance(step, FlattenStep):
-            h = step.module(h)
-        elif isinstance(step, AvgPoolStep):
-            h = step.module(h)
-        elif isinstance(step, ReshapeStep):
-            h = step.apply(h)
-        elif isinstance(step, ResidualStep):
-            out = None
-            for branch in step.branches:
-                b = _forward_steps(branch, h, bn_stats, collect, model_training)
-                out = b if out is None else out + b
-            h = torch.relu(out) if step.relu else out
-        else:  # pragma: no cover
-            raise NotImplementedError(f"clean_forward: no rule for {type(step).__name__}")
-    return h
+    return forward_steps(plan.steps, x, ForwardCtx(bn_stats, collect, model_training))
 
 
 def clean_bn_stats(model: nn.Module, x: Tensor) -> BNStats:

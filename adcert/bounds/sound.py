@@ -36,10 +36,8 @@ covers flush-to-zero):
 * Normalize ``(x - m) / sd`` (``sd > 0``, monotone): ``L' = down(down(L - m) / sd)``,
   ``U' = up(up(U - m) / sd)``.
 * ReLU: ``max(L, 0), max(U, 0)`` (exact). Flatten/reshape: exact.
-* Average pooling (n-element windows, non-negative weights, monotone):
-  ``L' = down(pool(L) - 2 gamma_(n+3) pool(|L|) - (n+3) tiny)``, likewise ``U'`` upward; ``n`` is
-  the kernel area (the input's whole plane for adaptive pooling).
-* Residual add: ``down(L1 + L2)``, ``up(U1 + U2)`` after every pairwise addition.
+* Every other operation's rule (average and max pooling, Sigmoid/Tanh, arithmetic with
+  constants, residual add, cat) is documented with the operation, :mod:`adcert.bounds.layers`.
 * Margins ``z_y - z_i`` with the specification folded into the last linear layer: the weight
   ``W_y - W_i`` (and bias) is one more rounding, so it enters the affine rule with an absolute
   weight-error tensor ``gamma_2 |W_spec| + eps_w (|W_y| + |W_i|)``; without a final linear,
@@ -58,25 +56,18 @@ import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from adcert.bounds.ibp import conv_padding
-from adcert.bounds.plan import (
-    AffineStep, AvgPoolStep, BatchNormStep, FlattenStep, LayerPlan, NormalizeStep, ReluStep,
-    ReshapeStep, ResidualStep,
-)
+from adcert.bounds.layers.base import IbpCtx, sound_steps_ctx
+from adcert.bounds.layers.dense import AffineStep
+from adcert.bounds.layers.rigorous import affine_box, centre_radius  # noqa: F401 (re-exported)
+from adcert.bounds.plan import LayerPlan
 from adcert.bounds.spec import fold_margin_spec, zero_label_entry
-from adcert.ops._rounding import gamma, unit_roundoff  # noqa: F401  (re-exported)
-from adcert.ops.bn_fold import fold_batch_norm
+from adcert.ops._rounding import down, gamma, unit_roundoff, up  # noqa: F401  (re-exported)
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
 
 SOUND_DTYPES = (torch.float32, torch.float64)
-
-
-# ----------------------------------------------------------------------------- float helpers
 
 
 @contextlib.contextmanager
@@ -98,176 +89,17 @@ def strict_float_mode():
         torch.set_float32_matmul_precision(saved[2])
 
 
-def down(t: Tensor) -> Tensor:
-    """The next float below ``t`` (a lower bound of the exact result of one rounded op)."""
-    return torch.nextafter(t, t.new_full((), -float("inf")))
-
-
-def up(t: Tensor) -> Tensor:
-    """The next float above ``t``."""
-    return torch.nextafter(t, t.new_full((), float("inf")))
-
-
-def centre_radius(L: Tensor, U: Tensor) -> Box:
-    """Floats ``(c, rho)`` with ``[L, U]`` contained in the real interval ``[c - rho, c + rho]``."""
-    c = (L + U) / 2
-    return c, torch.maximum(up(U - c), up(c - L))
-
-
 def check_sound_dtype(dtype: torch.dtype) -> None:
     if dtype not in SOUND_DTYPES:
         raise TypeError(f"sound: rounding-sound bounds need float32 or float64, got {dtype} "
                         "(convert the model and x with .float() or .double())")
 
 
-# ----------------------------------------------------------------------------- affine maps
-
-
-def _widen_affine(cen: Tensor, rad: Tensor, mag: Tensor, bias_abs: Optional[Tensor],
-                  bias_err: Optional[Tensor], k: int, rel_w: float, dtype) -> Box:
-    """End points from a computed centre/radius of a k-term affine map (see module docstring)."""
-    g = gamma(k + 2, dtype)
-    tiny = torch.finfo(dtype).tiny
-    e = 2 * (g + rel_w) * mag + (k + 2) * tiny
-    if bias_abs is not None:
-        e = e + 2 * g * bias_abs
-    if bias_err is not None:
-        e = e + 2 * bias_err
-    t = up(rad + e)
-    return down(cen - t), up(cen + t)
-
-
-def _chan(t: Tensor, ref: Tensor) -> Tensor:
-    return t.reshape((1, -1) + (1,) * (ref.dim() - 2))
-
-
-def folded_layer(step: AffineStep, stats) -> Tuple[Tensor, Optional[Tensor], float,
-                                                    Optional[Tensor]]:
-    """The step's weight/bias with its batch norm folded in (the sound fold,
-    :func:`adcert.ops.bn_fold.fold_batch_norm`): ``(W', b', eps_w, E_b)``; ``E_b`` ``[C_out]``
-    bounds ``|b'_computed - b'_exact|``."""
-    layer = step.layer
-    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    if step.bn is None:
-        return w, b, 0.0, None
-    bn = step.bn
-    mean, var = stats[bn]
-    fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps, layer_weight=w, layer_bias=b,
-                           sound=True)
-    return fold.weight, fold.shift, fold.rel_err, fold.shift_err
-
-
-def _sound_affine(step: AffineStep, L: Tensor, U: Tensor, stats) -> Box:
-    layer = step.layer
-    w, b, rel_w, b_err = folded_layer(step, stats)
-    c, rho = centre_radius(L, U)
-    if isinstance(layer, nn.Linear):
-        if c.dim() != 2:
-            raise ValueError(f"x: {layer} expects a [B, {layer.in_features}] input box, got shape "
-                             f"{tuple(c.shape)} (add an nn.Flatten before it)")
-        k = w.shape[1]
-
-        def lin(t, weight, bias=None):
-            return F.linear(t, weight, bias)
-        view = lambda t, ref: t  # noqa: E731
-    else:
-        k = w.shape[1] * w.shape[2] * w.shape[3]
-        kw = dict(stride=tuple(layer.stride), padding=conv_padding(layer),
-                  dilation=tuple(layer.dilation), groups=layer.groups)
-
-        def lin(t, weight, bias=None):
-            return F.conv2d(t, weight, bias, **kw)
-        view = _chan
-    aw = w.abs()
-    cen = lin(c, w, b)
-    rad = lin(rho, aw)
-    mag = lin(c.abs() + rho, aw)
-    bias_abs = view(b.abs(), cen) if b is not None else None
-    bias_err = view(b_err, cen) if b_err is not None else None
-    L2, U2 = _widen_affine(cen, rad, mag, bias_abs, bias_err, k, rel_w, c.dtype)
-    return L2, U2
-
-
-def _sound_batch_norm(step: BatchNormStep, L: Tensor, U: Tensor, stats) -> Box:
-    bn = step.bn
-    mean, var = stats[bn]
-    fold = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps, sound=True)
-    c, rho = centre_radius(L, U)
-    sv = _chan(fold.scale, c)
-    cen = sv * c + _chan(fold.shift, c)
-    rad = sv.abs() * rho
-    mag = sv.abs() * (c.abs() + rho)
-    return _widen_affine(cen, rad, mag, _chan(fold.shift.abs(), c), _chan(fold.shift_err, c), 1,
-                         fold.rel_err, c.dtype)
-
-
-def _sound_normalize(step: NormalizeStep, L: Tensor, U: Tensor, stats) -> Box:
-    m = step.module
-    sd = m.channel_view(m.std, L)
-    if bool((sd <= 0).any()):
-        raise ValueError("model: sound bounds need Normalize std > 0 everywhere")
-    mean = m.channel_view(m.mean, L)
-    return down(down(L - mean) / sd), up(up(U - mean) / sd)
-
-
-def _sound_pool(step: AvgPoolStep, L: Tensor, U: Tensor, stats) -> Box:
-    mod = step.module
-    if isinstance(mod, nn.AvgPool2d):
-        ks = mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,) * 2
-        n = int(ks[0] * ks[1])
-    else:
-        n = int(L.shape[-1] * L.shape[-2])
-    g = gamma(n + 3, L.dtype)
-    tiny = torch.finfo(L.dtype).tiny
-    lo = mod(L) - up(2 * g * mod(L.abs()) + (n + 3) * tiny)
-    hi = mod(U) + up(2 * g * mod(U.abs()) + (n + 3) * tiny)
-    return down(down(lo)), up(up(hi))
-
-
-def _sound_residual(step: ResidualStep, L: Tensor, U: Tensor, stats,
-                    relu_bounds: Optional[List[Box]]) -> Box:
-    lo = hi = None
-    for branch in step.branches:
-        bl, bu = sound_steps(branch, L, U, stats, relu_bounds)
-        lo = bl if lo is None else down(lo + bl)
-        hi = bu if hi is None else up(hi + bu)
-    if step.relu:
-        if relu_bounds is not None:
-            relu_bounds.append((lo, hi))
-        lo, hi = lo.clamp(min=0), hi.clamp(min=0)
-    return lo, hi
-
-
 def sound_steps(steps, L: Tensor, U: Tensor, stats,
                 relu_bounds: Optional[List[Box]] = None) -> Box:
-    """Propagate the real box ``[L, U]`` through ``steps`` soundly (see the module docstring)."""
-    for step in steps:
-        relu = False
-        if isinstance(step, AffineStep):
-            L, U = _sound_affine(step, L, U, stats)
-            relu = step.relu
-        elif isinstance(step, BatchNormStep):
-            L, U = _sound_batch_norm(step, L, U, stats)
-            relu = step.relu
-        elif isinstance(step, NormalizeStep):
-            L, U = _sound_normalize(step, L, U, stats)
-        elif isinstance(step, ReluStep):
-            relu = True
-        elif isinstance(step, FlattenStep):
-            L, U = step.module(L), step.module(U)
-        elif isinstance(step, ReshapeStep):
-            L, U = step.apply(L), step.apply(U)
-        elif isinstance(step, AvgPoolStep):
-            L, U = _sound_pool(step, L, U, stats)
-        elif isinstance(step, ResidualStep):
-            L, U = _sound_residual(step, L, U, stats, relu_bounds)
-        else:
-            raise NotImplementedError(f"sound: no sound IBP rule for {type(step).__name__}")
-        if relu:
-            if relu_bounds is not None:
-                relu_bounds.append((L, U))
-            L, U = L.clamp(min=0), U.clamp(min=0)
-    return L, U
+    """Propagate the real box ``[L, U]`` through ``steps`` soundly (each step's
+    :meth:`~adcert.bounds.layers.base.Node.sound_ibp`; see the module docstring)."""
+    return sound_steps_ctx(steps, L, U, IbpCtx(stats, relu_bounds))
 
 
 def sound_input(mu: Tensor, r: Tensor) -> Box:
@@ -284,7 +116,7 @@ def sound_input(mu: Tensor, r: Tensor) -> Box:
 def sound_margins_folded(step: AffineStep, L: Tensor, U: Tensor, stats, y: Tensor) -> Tensor:
     """Sound lower bounds ``[B, C]`` of ``z_y - z_i`` with the specification folded into the final
     linear ``step`` (+ batch norm) over the box ``[L, U]: [B, K]``; the ``y`` entry is 0."""
-    w, b, rel_w, b_err = folded_layer(step, stats)
+    w, b, rel_w, b_err = step.folded(stats)
     if b is None:
         b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     if b_err is None:
@@ -301,7 +133,7 @@ def sound_margins_folded(step: AffineStep, L: Tensor, U: Tensor, stats, y: Tenso
     rad = torch.einsum("bck,bk->bc", ws.abs(), rho)
     mag = torch.einsum("bck,bk->bc", ws.abs(), a)
     emag = torch.einsum("bck,bk->bc", w_err, a)
-    lo, _ = _widen_affine(cen, rad, mag, bs.abs(), b_errs + emag, int(w.shape[1]), 0.0, dtype)
+    lo, _ = affine_box(cen, rad, mag, bs.abs(), b_errs + emag, int(w.shape[1]), 0.0, dtype)
     return zero_label_entry(lo, y)
 
 

@@ -1,66 +1,56 @@
 """Any ``nn.Module`` -> a :class:`~adcert.bounds.plan.LayerPlan`, by ``torch.fx`` tracing.
 
-The model is traced once (supported ``torch.nn`` layers and :class:`~adcert.models.Normalize` are
-leaves; user modules are traced through). The graph must be series-parallel with one input and
-one output: every tensor used more than once (a *fork*, e.g. a ResNet block's input) must have its
-uses joined again by residual adds. It is converted into the nested step structure of the plan:
+The model is traced once (registered ``torch.nn`` layers and :class:`~adcert.models.Normalize` are
+leaves; user modules are traced through). Every fx node is mapped to a plan step by the registry
+(:mod:`adcert.bounds.registry`), except the few the tracer handles itself:
 
-* a chain of nodes becomes a step sequence, fused exactly like a Sequential model
-  (conv/linear + BN + ReLU -> one :class:`AffineStep`);
-* ``a + b`` where both operands descend from the same fork becomes a
-  :class:`ResidualStep` whose branches are the two operands' step sequences (an operand that IS
-  the fork gives the empty branch, the identity shortcut); a ReLU right after the add is fused
-  into it (``relu=True``). Adds nest, so three or more uses of one fork also work.
+* arithmetic with constants -- ``+ - * /`` and ``neg`` where one operand is a number, a buffer or
+  parameter, or anything computed from those alone (e.g. ``self.mean.view(1, 3, 1, 1)``) --
+  becomes an :class:`~adcert.bounds.layers.arith.ArithStep`; constants are read from the model at
+  every bound pass, so learnable scales train;
+* joins: the graph must be series-parallel with one input and one output: every tensor used more
+  than once (a *fork*, e.g. a ResNet block's input) must have its uses joined again, by a residual
+  add (``a + b``, ``a - b``; a :class:`ResidualStep`, whose branches are the operands' step
+  sequences, an operand that IS the fork giving the empty branch) or a ``torch.cat`` along a
+  feature dimension (a :class:`CatStep`). A ReLU right after an add is fused into it. Joins nest.
+* ``x.size(0)`` / ``x.shape[0]`` (the batch size, for ``view``) and ``.contiguous()``.
 
-Supported: modules ``Conv2d``, ``Linear``, ``BatchNorm1d/2d``, ``ReLU``, ``Flatten``,
-``AvgPool2d``, ``AdaptiveAvgPool2d``, ``Normalize``, ``Identity``, dropout (the identity for
-bounds); functions/methods ``F.relu``/``torch.relu``/``.relu()``, ``+``/``torch.add`` (residual
-add of two tensors), ``torch.flatten``/``.flatten``/``.view``/``.reshape`` keeping the batch
-dimension (``x.view(x.size(0), -1)``, ``x.view(-1, K)``), ``F.avg_pool2d``,
-``F.adaptive_avg_pool2d``, ``.contiguous()``, ``x.size(0)``/``x.shape[0]``. Anything else raises
-``NotImplementedError`` naming it and listing what is supported.
+Chains of nodes are fused exactly like a Sequential model (conv/linear + BN + ReLU -> one
+:class:`AffineStep`). Anything else raises ``NotImplementedError`` naming it and listing what is
+supported.
 """
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds import plan as P
-from adcert.models.normalize import Normalize
-
-_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_LEAVES = P.SUPPORTED_MODULES + _POOLS + P.SKIPPED_MODULES
-
-SUPPORTED_FUNCTIONS = ("F.relu", "torch.relu", ".relu()", "+ / torch.add (residual add)",
-                       "torch.flatten", ".flatten()", ".view()", ".reshape()", "F.avg_pool2d",
-                       "F.adaptive_avg_pool2d", ".contiguous()", "x.size(0)", "x.shape[0]")
+from adcert.bounds import registry
+from adcert.bounds.layers.arith import ARITH_FUNCTIONS, ARITH_METHODS, ArithStep, Const
+from adcert.bounds.layers.join import CatStep, ResidualStep
+from adcert.bounds.registry import BATCH, unsupported_call as _unsupported
 
 
 def supported_text() -> str:
-    mods = ", ".join(c.__name__ for c in P.SUPPORTED_MODULES + _POOLS)
-    return f"supported modules: {mods}; supported functions: {', '.join(SUPPORTED_FUNCTIONS)}"
-
-
-def _unsupported(what: str, why: str = "") -> NotImplementedError:
-    extra = f" ({why})" if why else ""
-    return NotImplementedError(f"model: {what} is not supported by compute_bounds{extra}; "
-                               f"{supported_text()}")
+    return registry.supported_text()
 
 
 class _Tracer(fx.Tracer):
-    """Supported layers (and any other ``torch.nn`` layer, to be refused by name) are leaves."""
+    """Registered layers (and any other ``torch.nn`` layer, to be refused by name) are leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
             return False
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        # a subclass of a registered layer is a leaf too, to be refused by name if it has its
+        # own forward
+        return isinstance(m, tuple(registry.MODULES)) or super().is_leaf_module(m, qualname)
 
 
 def traced_key(model: nn.Module) -> Tuple[nn.Module, ...]:
@@ -72,18 +62,16 @@ def traced_key(model: nn.Module) -> Tuple[nn.Module, ...]:
 # ----------------------------------------------------------------------------- graph -> items
 
 
-_BATCH = object()  # the value of x.size(0) / x.shape[0]
-
-
 @dataclass
 class _Shape:
     """The value of ``x.shape`` / ``x.size()``: only its batch entry may be read."""
 
 
 @dataclass
-class _Add:
-    """A residual join of raw item lists (fused into a ResidualStep at the end)."""
+class _Join:
+    """A join of raw item lists (made a ResidualStep / CatStep at the end)."""
     branches: Tuple[List[Any], ...]
+    cat_dim: Any = None  # None: a sum
 
 
 @dataclass
@@ -93,8 +81,8 @@ class _Thread:
     items: List[Any] = field(default_factory=list)
 
 
-def _is_add(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+_ADDS = (operator.add, operator.iadd, torch.add)
+_SUBS = (operator.sub, operator.isub, torch.sub)
 
 
 def _tensor_uses(node: fx.Node) -> int:
@@ -121,11 +109,19 @@ def _flatten(obj):
         yield obj
 
 
+def _read_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 class _Converter:
     """Walks the fx graph in order, keeping every tensor value as a :class:`_Thread`."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, model: nn.Module):
         self.gm = gm
+        self.model = weakref.ref(model)
         self.values: Dict[fx.Node, Any] = {}
         self.pending: Dict[fx.Node, int] = {}  # open threads of each fork node
         self.own: Dict[fx.Node, _Thread] = {}  # a fork's own thread (relative to its origin)
@@ -139,6 +135,17 @@ class _Converter:
         t = self.values[arg]
         return _Thread(t.origin, list(t.items))
 
+    def is_thread(self, arg) -> bool:
+        return isinstance(arg, fx.Node) and isinstance(self.values.get(arg), _Thread)
+
+    def value(self, arg):
+        """A non-tensor argument: a python value, :data:`BATCH`, or a :class:`Const`."""
+        if isinstance(arg, fx.Node):
+            return self.values.get(arg, arg)
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(self.value(a) for a in arg)
+        return arg
+
     def set(self, node: fx.Node, t: _Thread) -> None:
         uses = _tensor_uses(node)
         if uses > 1:
@@ -146,13 +153,13 @@ class _Converter:
             self.own[node] = t
         self.values[node] = t
 
-    def join(self, a: _Thread, b: _Thread, where: str) -> _Thread:
-        if a.origin is not b.origin:
+    def join(self, threads: List[_Thread], where: str, cat_dim=None) -> _Thread:
+        fork = threads[0].origin
+        if any(t.origin is not fork for t in threads):
             raise _unsupported(where, "its operands do not start from the same tensor: the graph "
                                       "is not series-parallel (only residual blocks are)")
-        fork = a.origin
-        t = _Thread(fork, [_Add((a.items, b.items))])
-        self.pending[fork] -= 1
+        t = _Thread(fork, [_Join(tuple(t.items for t in threads), cat_dim)])
+        self.pending[fork] -= len(threads) - 1
         if self.pending[fork] == 1 and fork in self.own:  # every use joined: collapse the fork
             del self.pending[fork]
             base = self.own[fork]
@@ -164,148 +171,161 @@ class _Converter:
         out = None
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                if self.values:
+                if any(isinstance(v, _Thread) for v in self.values.values()):
                     raise _unsupported(f"a second input {node.name!r}",
                                        "the model must take one tensor")
                 self.values[node] = _Thread(node, [])
                 self.pending[node] = max(_tensor_uses(node), 1)
             elif node.op == "get_attr":
-                self.values[node] = node  # a parameter/buffer: refused where it is used
+                self.values[node] = self.attribute(node.target)
             elif node.op == "call_module":
                 self.call_module(node)
-            elif node.op == "call_function":
-                self.call_function(node)
-            elif node.op == "call_method":
-                self.call_method(node)
+            elif node.op in ("call_function", "call_method"):
+                self.call(node)
             elif node.op == "output":
                 out = node.args[0]
-        result = self.thread(out, "the model's output") if isinstance(out, fx.Node) else None
+        result = self.thread(out, "the model's output") if self.is_thread(out) else None
         if result is None:
-            raise _unsupported(f"an output of type {type(out).__name__}",
-                               "the model must return one tensor")
+            raise _unsupported(f"an output of type {type(self.value(out)).__name__}",
+                               "the model must return one tensor computed from its input")
         if not result.origin.op == "placeholder" or self.pending[result.origin] != 1 or \
                 len(self.pending) != 1:
             raise _unsupported("the model's graph", "a tensor is used more than once without "
                                                     "being joined again by a residual add")
         return result.items
 
+    def attribute(self, target: str) -> Const:
+        """A parameter/buffer, read from the model at every pass (fx's own tensor constants,
+        which the model does not hold, are captured)."""
+        model = self.model()
+        try:
+            _read_attr(model, target)
+        except AttributeError:
+            value = _read_attr(self.gm, target)
+            return Const(lambda: value, target)
+        ref = self.model
+        return Const(lambda: _read_attr(ref(), target), f"self.{target}")
+
     def call_module(self, node: fx.Node) -> None:
         module = self.gm.get_submodule(node.target)
         what = f"module {node.target!r} of type {type(module).__name__}"
-        P.check_leaf(module, partial(_unsupported, what), extra=_POOLS)
+        P.check_leaf(module, partial(_unsupported, what))
         if len(node.args) != 1 or node.kwargs:
             raise _unsupported(what, "called with more than one argument")
         t = self.thread(node.args[0], what)
-        if not isinstance(module, P.SKIPPED_MODULES):
-            t.items.append(P.AvgPoolStep(module) if isinstance(module, _POOLS) else module)
+        item = registry.module_builder(module)(module)
+        if item is not None:
+            t.items.append(item)
         self.set(node, t)
 
-    def call_function(self, node: fx.Node) -> None:
+    def call(self, node: fx.Node) -> None:
         fn, args, kw = node.target, node.args, node.kwargs
-        name = getattr(fn, "__name__", repr(fn))
-        what = f"function {name}"
-        if fn in (F.relu, torch.relu):
-            t = self.thread(args[0], what)
-            t.items.append(nn.ReLU())
-        elif _is_add(node):
-            if len(args) != 2 or kw:
-                raise _unsupported(what, "only the sum of two tensors, no alpha/out")
-            t = self.join(self.thread(args[0], what), self.thread(args[1], what), what)
-        elif fn is torch.flatten:
-            t = self.thread(args[0], what)
-            t.items.append(self._flatten_step(args[1:], kw, what))
-        elif fn in (F.avg_pool2d, F.adaptive_avg_pool2d):
-            t = self.thread(args[0], what)
-            t.items.append(P.AvgPoolStep(self._pool_module(fn, args[1:], kw)))
-        elif fn is getattr and len(args) == 2 and args[1] == "shape":
-            self.thread(args[0], what)
-            self.values[node] = _Shape()
+        method = node.op == "call_method"
+        name = fn if method else getattr(fn, "__name__", repr(fn))
+        what = f"tensor method .{name}()" if method else f"function {name}"
+        threads = [a for a in _flatten((args, kw)) if self.is_thread(a)]
+        if not threads:  # computed from constants (or shape reads) alone
+            self.constant(node, what)
             return
-        elif fn is operator.getitem and isinstance(self.values.get(args[0]), _Shape):
-            if args[1] != 0:
-                raise _unsupported(f"reading x.shape[{args[1]!r}]", "only the batch size "
-                                                                      "x.shape[0] may be read")
-            self.values[node] = _BATCH
-            return
-        else:
-            raise _unsupported(what)
-        self.set(node, t)
-
-    def call_method(self, node: fx.Node) -> None:
-        name, args, kw = node.target, node.args, node.kwargs
-        what = f"tensor method .{name}()"
-        if name == "size":
-            self.thread(args[0], what)
+        if method and name == "size":
             dim = args[1] if len(args) > 1 else kw.get("dim")
             if dim is None:
                 self.values[node] = _Shape()
             elif dim == 0:
-                self.values[node] = _BATCH
+                self.values[node] = BATCH
             else:
                 raise _unsupported(f"x.size({dim!r})", "only the batch size x.size(0) may be read")
             return
-        t = self.thread(args[0], what)
-        if name in ("relu", "relu_"):
-            t.items.append(nn.ReLU())
-        elif name == "contiguous":
-            pass
-        elif name == "flatten":
-            t.items.append(self._flatten_step(args[1:], kw, what))
-        elif name in ("view", "reshape"):
-            if kw:
-                raise _unsupported(what, "keyword arguments")
-            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-            t.items.append(self._reshape_step([self.values.get(d, d) if isinstance(d, fx.Node)
-                                               else d for d in dims], what))
+        if not method and fn is getattr and len(args) == 2 and args[1] == "shape":
+            self.values[node] = _Shape()
+            return
+        if (fn in _ADDS or fn in _SUBS or name in ("add", "sub")) and len(threads) == 2:
+            self.set(node, self.residual(node, what))
+        elif not method and fn is torch.cat:
+            self.set(node, self.cat(node, what))
+        elif (not method and fn in ARITH_FUNCTIONS) or (method and name in ARITH_METHODS):
+            if len(threads) != 1:
+                raise _unsupported(what, "a product or quotient of two traced tensors is not "
+                                         "linear")
+            t = self.thread(threads[0], what)
+            op = ARITH_FUNCTIONS.get(fn) if not method else ARITH_METHODS[name]
+            t.items.append(ArithStep.from_call(op, args, kw, threads[0], self.value, what))
+            self.set(node, t)
         else:
-            raise _unsupported(what)
-        self.set(node, t)
+            build = registry.METHODS.get(name) if method else registry.FUNCTIONS.get(fn)
+            if build is None:
+                raise _unsupported(what)
+            if args[0] is not threads[0] or len(threads) != 1:
+                raise _unsupported(what, "it must be applied to one traced tensor")
+            t = self.thread(args[0], what)
+            item = build(tuple(self.value(a) for a in args[1:]),
+                         {k: self.value(v) for k, v in kw.items()}, what)
+            if item is not None:
+                t.items.append(item)
+            self.set(node, t)
 
-    # -- helpers ----------------------------------------------------------------------------
-    @staticmethod
-    def _flatten_step(args, kw, what) -> P.ReshapeStep:
-        start = args[0] if args else kw.get("start_dim", 0)
-        end = args[1] if len(args) > 1 else kw.get("end_dim", -1)
-        if not (isinstance(start, int) and isinstance(end, int)):
-            raise _unsupported(what, "start_dim/end_dim must be constants")
-        if start == 0:
-            raise _unsupported(what, "start_dim=0 merges the batch dimension")
-        return P.ReshapeStep(None, start, end)
+    def constant(self, node: fx.Node, what: str) -> None:
+        """A node computed from constants alone (or reading ``x.shape[0]``)."""
+        fn, args, kw = node.target, node.args, node.kwargs
+        if node.op == "call_function" and fn is operator.getitem and \
+                isinstance(self.values.get(args[0]), _Shape):
+            if args[1] != 0:
+                raise _unsupported(f"reading x.shape[{args[1]!r}]", "only the batch size "
+                                                                   "x.shape[0] may be read")
+            self.values[node] = BATCH
+            return
+        vals = (self.value(args), {k: self.value(v) for k, v in kw.items()})
+        if any(v is BATCH or isinstance(v, _Shape) for v in _flatten(vals)):
+            raise _unsupported(what, "arithmetic on the batch size")
 
-    @staticmethod
-    def _reshape_step(dims, what) -> P.ReshapeStep:
-        if not dims:
-            raise _unsupported(what, "no target shape")
-        first, rest = dims[0], list(dims[1:])
-        if not all(isinstance(d, int) and not isinstance(d, bool) for d in rest) or \
-                not (first is _BATCH or first == -1):
-            raise _unsupported(what, "the target shape must be (x.size(0), ints...) or "
-                                     "(-1, ints...) so that the batch dimension is kept")
-        if first == -1 and not rest:
-            raise _unsupported(what, "view(-1) merges the batch dimension")
-        if first == -1 and -1 in rest:
-            raise _unsupported(what, "two inferred (-1) dimensions")
-        return P.ReshapeStep(tuple(rest))
+        def resolve(v):
+            if isinstance(v, Const):
+                return v()
+            if isinstance(v, (tuple, list)):
+                return type(v)(resolve(a) for a in v)
+            return v
 
-    @staticmethod
-    def _pool_module(fn, args, kw) -> nn.Module:
-        try:
-            if fn is F.adaptive_avg_pool2d:
-                return nn.AdaptiveAvgPool2d(*args, **kw)
-            return nn.AvgPool2d(*args, **kw)
-        except TypeError as exc:
-            raise _unsupported(f"function {fn.__name__}", f"arguments: {exc}") from exc
+        if node.op == "call_method":
+            def compute():
+                a = resolve(vals[0])
+                return getattr(a[0], fn)(*a[1:], **resolve(vals[1]))
+        else:
+            def compute():
+                return fn(*resolve(vals[0]), **resolve(vals[1]))
+        self.values[node] = Const(compute, what)
+
+    def residual(self, node: fx.Node, what: str) -> _Thread:
+        args, kw = node.args, node.kwargs
+        if len(args) != 2 or kw:
+            raise _unsupported(what, "only the sum or difference of two tensors, no alpha/out")
+        a, b = self.thread(args[0], what), self.thread(args[1], what)
+        target = node.target
+        if target in _SUBS or target == "sub":
+            b.items.append(ArithStep("neg"))
+        return self.join([a, b], what)
+
+    def cat(self, node: fx.Node, what: str) -> _Thread:
+        args, kw = node.args, dict(node.kwargs)
+        seq = args[0] if args else kw.pop("tensors", None)
+        dim = args[1] if len(args) > 1 else kw.pop("dim", 0)
+        if kw or not isinstance(seq, (tuple, list)) or not all(self.is_thread(a) for a in seq):
+            raise _unsupported(what, "only torch.cat([traced tensors...], dim) is supported")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim == 0:
+            raise _unsupported(what, f"dim={dim!r}: concatenate along a feature dimension")
+        if len(seq) == 1:
+            return self.thread(seq[0], what)
+        return self.join([self.thread(a, what) for a in seq], what, cat_dim=dim)
 
 
 # ----------------------------------------------------------------------------- items -> steps
 
 
 def fuse_items(items: List[Any]) -> Tuple[P.Step, ...]:
-    """Raw items (leaf modules, ready steps, :class:`_Add`) -> fused plan steps. Module runs are
-    fused exactly like a Sequential model (:func:`adcert.bounds.plan.build_plan`); a ReLU right
+    """Raw items (leaf modules, ready steps, :class:`_Join`) -> fused plan steps. Module runs are
+    fused exactly like a Sequential model (:func:`adcert.bounds.plan.fuse_modules`); a ReLU right
     after a residual add is fused into the :class:`ResidualStep`."""
     steps: List[P.Step] = []
-    run: List[nn.Module] = []
+    run: List[Any] = []
 
     def flush() -> None:
         if run:
@@ -315,18 +335,18 @@ def fuse_items(items: List[Any]) -> Tuple[P.Step, ...]:
     i = 0
     while i < len(items):
         it = items[i]
-        if isinstance(it, nn.Module):
-            run.append(it)
-        elif isinstance(it, _Add):
+        if isinstance(it, _Join):
             flush()
-            relu = i + 1 < len(items) and isinstance(items[i + 1], nn.ReLU)
             branches = tuple(fuse_items(b) for b in it.branches)
-            steps.append(P.ResidualStep(branches, relu, (items[i + 1],) if relu else ()))
+            if it.cat_dim is not None:
+                steps.append(CatStep(branches, it.cat_dim))
+                i += 1
+                continue
+            relu = i + 1 < len(items) and isinstance(items[i + 1], nn.ReLU)
+            steps.append(ResidualStep(branches, relu, (items[i + 1],) if relu else ()))
             i += 1 + relu
             continue
-        else:
-            flush()
-            steps.append(it)
+        run.append(it)
         i += 1
     flush()
     return tuple(steps)
@@ -356,5 +376,5 @@ def trace_plan(model: nn.Module) -> P.LayerPlan:
             f" {exc}); compute_bounds needs a traceable model; {supported_text()}") from exc
     gm = fx.GraphModule(model, graph)
     gm.graph.eliminate_dead_code()
-    items = _Converter(gm).run()
+    items = _Converter(gm, model).run()
     return P.LayerPlan(modules=traced_key(model), steps=fuse_items(items))

@@ -24,3 +24,13 @@ def gamma(k: int, dtype: torch.dtype) -> float:
     if ku >= 0.5:
         raise ValueError(f"sound: a dot product of {k} terms is too long for {dtype} (k u >= 1/2)")
     return ku / (1 - ku)
+
+
+def down(t: torch.Tensor) -> torch.Tensor:
+    """The next float below ``t`` (a lower bound of the exact result of one rounded op)."""
+    return torch.nextafter(t, t.new_full((), -float("inf")))
+
+
+def up(t: torch.Tensor) -> torch.Tensor:
+    """The next float above ``t``."""
+    return torch.nextafter(t, t.new_full((), float("inf")))

@@ -1,0 +1,129 @@
+"""The one backward walk of the CROWN family (CROWN, CROWN-IBP, alpha/beta-CROWN, loss fusion)
+and of their sound twins.
+
+A linear bound is held as ``(A, const)`` with ``A: [B, S, *shape]`` (``S`` specification rows per
+sample) and ``const: [B, S]``, meaning ``A . h + const`` where ``h: [B, *shape]`` is the value at
+that point of the network. Only LOWER bounds are propagated; an upper bound of ``a . z`` is minus
+the lower bound of ``(-a) . z``, so callers that need both stack ``[A; -A]`` along ``S``.
+
+The pieces of a :class:`~adcert.bounds.layers.base.Lowered` network are visited in reverse
+topological order; each piece's :meth:`~adcert.bounds.layers.base.Piece.backward` gives the
+coefficients on its sources and a constant. Coefficients meeting at a fork are summed. At the
+input, ``A . x`` is minimised over the box ``(mu, r)``: ``A . mu - |A| . r``.
+
+Soundness is a hook. ``hook=None`` assumes exact arithmetic. A :class:`SoundHook` (see
+:mod:`adcert.bounds.crown_sound` for the scheme) asks every piece for the rounding error of its
+step (:meth:`~adcert.bounds.layers.base.Piece.rounding_error`), charges the fork sums, rounds
+every update of the constant down and concretises rigorously over its input box.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from adcert.bounds.layers.base import Box, Lowered, Walk
+from adcert.ops._rounding import down, gamma
+
+Tensor = torch.Tensor
+
+
+def concretize_lower(A: Tensor, mu: Tensor, r: Tensor) -> Tensor:
+    """``min over the box (mu, r) of A . x``: ``A: [B, S, *in]``, ``mu, r: [B, *in]`` ->
+    ``[B, S]``."""
+    Af = A.flatten(2)
+    return (torch.einsum("bsk,bk->bs", Af, mu.flatten(1))
+            - torch.einsum("bsk,bk->bs", Af.abs(), r.flatten(1)))
+
+
+def sound_concretize(A: Tensor, L: Tensor, U: Tensor) -> Tensor:
+    """A rigorous lower bound ``[B, S]`` of ``A . x`` over ``L <= x <= U``:
+    ``fl(A+ . L + A- . U) - gamma_{2n+1} |A| . max(|L|, |U|)`` (doubled, plus underflow)."""
+    Af = A.flatten(2)
+    val = (torch.einsum("bsk,bk->bs", Af.clamp(min=0), L.flatten(1))
+           + torch.einsum("bsk,bk->bs", Af.clamp(max=0), U.flatten(1)))
+    m = torch.maximum(L.abs(), U.abs()).flatten(1)
+    n = Af.shape[-1]
+    err = 2 * gamma(2 * n + 1, A.dtype) * torch.einsum("bsk,bk->bs", Af.abs(), m)
+    return down(down(val) - (err + n * torch.finfo(A.dtype).tiny))
+
+
+class SoundHook:
+    """The soundness hook of :func:`backward_lower`. ``out_boxes``: rigorous boxes ``{j: (L, U)}``
+    of every piece's output (``-1``: the input), from
+    :func:`adcert.bounds.crown_sound.sound_op_boxes`."""
+
+    def __init__(self, out_boxes: Dict[int, Box]):
+        self.out_boxes = out_boxes
+
+    def magnitude(self, j: int) -> Tensor:
+        lo, up = self.out_boxes[j]
+        return torch.maximum(lo.abs(), up.abs()).unsqueeze(1)
+
+    def fork_error(self, total: Tensor, j: int) -> Tensor:
+        """One rounded addition per entry of ``total = fl(A1 + A2)``: ``gamma_1 |S| . m_h``."""
+        n = math.prod(total.shape[2:])
+        return (2 * gamma(1, total.dtype) * (total.abs() * self.magnitude(j)).flatten(2).sum(-1)
+                + 2 * n * torch.finfo(total.dtype).tiny)
+
+    def concretize(self, A: Tensor) -> Tensor:
+        return sound_concretize(A, *self.out_boxes[-1])
+
+
+def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
+                   relu_box: Sequence[Optional[Tuple[Tensor, Tensor]]],
+                   alphas: Optional[dict] = None, betas: Optional[dict] = None,
+                   relu_coefs: Optional[dict] = None, hook: Optional[SoundHook] = None
+                   ) -> Tensor:
+    """Lower bounds ``[B, S]`` of ``A . h_end`` over the input box, where ``h_end`` is the output
+    of ``low.ops[end - 1]`` (``end = 0``: the input) and ``A: [B, S, *shape of h_end]``.
+
+    ``relu_box[k]``: ``(lower, upper)`` of activation ``k``'s input (``[B, *shape]``);
+    ``alphas``: optional ``{k: [B, S, *shape]}`` relaxation parameters (ReLU lower slopes,
+    Sigmoid/Tanh tangent points; default: CROWN's). ``betas``: optional split multipliers
+    ``{k: [B, S, *shape]}`` holding ``beta_j s_j`` (``beta_j >= 0``, ``s_j`` the split sign of
+    ReLU ``k``'s neuron ``j``, 0 where not split, see
+    :func:`adcert.bounds.alpha_crown.signed_betas`): ``-beta_j s_j`` is added to the coefficient
+    of the ReLU's input ``z_j``, so the result bounds ``A . h_end - sum_j beta_j s_j z_j``, which
+    is <= ``A . h_end`` wherever every split holds (beta-CROWN). ``relu_coefs``: a dict that
+    receives ``{k: [B, S, *shape]}``, the coefficients reaching every ReLU's OUTPUT (branching
+    heuristics). ``hook``: ``None`` (exact arithmetic) or a :class:`SoundHook` (then ``mu, r``
+    are unused: the input box is the hook's)."""
+    walk = Walk(relu_box, alphas, betas, relu_coefs, hook)
+    const = A.new_zeros(A.shape[:2])
+    pending = {end - 1: A}  # piece index -> coefficients on that piece's output
+
+    def accumulate(j: int, A_new: Tensor) -> None:
+        nonlocal const
+        if j not in pending:
+            pending[j] = A_new
+            return
+        total = pending[j] + A_new
+        if hook is not None:
+            const = down(const - hook.fork_error(total, j))
+        pending[j] = total
+
+    for i in range(end - 1, -1, -1):
+        A = pending.pop(i, None)
+        if A is None:  # a piece the bounded value does not depend on
+            continue
+        op = low.ops[i]
+        back = op.backward(A, walk)
+        if hook is None:
+            if back.const is not None:
+                const = const + back.const
+        else:
+            err = op.rounding_error(A, back, walk)
+            if back.const is not None:
+                const = down(const + back.const)
+            if err is not None:
+                const = down(const - err)
+        for j, A_j in zip(op.srcs, back.As):
+            accumulate(j, A_j)
+    A = pending.pop(-1, None)
+    if A is None:  # the bounded value does not depend on the input
+        return const
+    if hook is None:
+        return concretize_lower(A, mu, r) + const
+    return down(hook.concretize(A) + const)

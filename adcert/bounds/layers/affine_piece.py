@@ -1,0 +1,241 @@
+"""Affine pieces ``z = W h + c``: dense (``Linear``, ``Conv2d``) and elementwise (a constant
+scale and shift broadcast over one sample: batch norm, ``Normalize``, arithmetic with constants).
+
+Back-substitution: ``A . (W h + c) = (A W) . h + A . c``; a convolution goes back with
+``conv_transpose2d`` (with the ``output_padding`` that restores the input size).
+
+Sound rules (see :mod:`adcert.bounds.crown_sound`): the rigorous box is
+``W+ l + W- u + b -/+ (2 gamma_{k+2+c} (|W| m + |b|) + k tiny)`` (``m = max(|l|, |u|)``, ``c``
+roundings in the coefficients); a backward step's error is
+``2 gamma_{k+c+1} (|A||W|) . m_h + 2 gamma_{n+c+1} |A| . |b|`` plus underflow.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from adcert.bounds.layers.base import Back, Box, Piece, Tensor, Walk, abs_sum
+from adcert.ops._rounding import down, gamma, up
+
+
+class AffinePiece(Piece):
+    """Common rules of ``z = W h + c``. Subclasses give :meth:`forward` (with ``weight``
+    overriding ``W`` and ``bias=False`` dropping ``c``), :meth:`apply_transpose` (``A W``),
+    :meth:`bias_term` and :attr:`dot_length`.
+
+    ``bias_mag``: upper bounds of the magnitudes of the terms summed into ``bias`` (sound mode;
+    ``None`` = ``|bias|``); ``coef_rel_err``: roundings in computing ``weight``/``bias`` from the
+    model (sound mode)."""
+
+    def __init__(self, weight: Optional[Tensor], bias: Optional[Tensor],
+                 bias_mag: Optional[Tensor] = None, coef_rel_err: int = 0):
+        self.weight, self.bias = weight, bias
+        self.bias_mag, self.coef_rel_err = bias_mag, coef_rel_err
+
+    dot_length = 1
+
+    def apply_transpose(self, A: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def bias_term(self, A: Tensor, magnitude: bool = False) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def bias_view(self, t: Tensor, ndim: int) -> Tensor:
+        """A per-output bias vector reshaped to broadcast over ``[N, *out_shape]``."""
+        raise NotImplementedError
+
+    def _bias_mag(self) -> Optional[Tensor]:
+        if self.bias is None:
+            return None
+        return self.bias_mag if self.bias_mag is not None else self.bias.abs()
+
+    # -- back-substitution -------------------------------------------------------------
+    def backward(self, A: Tensor, walk: Walk) -> Back:
+        return Back((self.apply_transpose(A),), self.bias_term(A))
+
+    def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
+        dtype = A.dtype
+        tiny = torch.finfo(dtype).tiny
+        m_h = walk.magnitude(self.src)
+        absA = A.abs()
+        k = self.dot_length + self.coef_rel_err + 1
+        err = 2 * gamma(k, dtype) * abs_sum(self.apply_transpose(absA, self.weight.abs()) * m_h)
+        if back.const is not None:
+            n = math.prod(self.out_shape) + self.coef_rel_err + 1
+            err = err + 2 * gamma(n, dtype) * self.bias_term(absA, magnitude=True)
+        return err + 2 * (math.prod(self.in_shape) + math.prod(self.out_shape)) * tiny
+
+    # -- rigorous box ------------------------------------------------------------------
+    def sound_box(self, boxes: Sequence[Box]) -> Box:
+        L, U = boxes[0]
+        tiny = torch.finfo(L.dtype).tiny
+        w = self.weight
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        lo = self.forward(L, wp, bias=False) + self.forward(U, wn, bias=False)
+        hi = self.forward(U, wp, bias=False) + self.forward(L, wn, bias=False)
+        m = torch.maximum(L.abs(), U.abs())
+        k = self.dot_length + 2 + self.coef_rel_err
+        size = self.forward(m, w.abs(), bias=False)
+        if self.bias is not None:
+            b = self.bias_view(self.bias, lo.dim())
+            lo, hi = lo + b, hi + b
+            size = size + self.bias_view(self._bias_mag(), lo.dim())
+        err = 2 * gamma(k, L.dtype) * size + k * tiny
+        return down(down(lo) - err), -down(down(-hi) - err)
+
+
+class LinearPiece(AffinePiece):
+    """``nn.Linear``: ``weight [out, in]``, ``bias [out]``."""
+    dense = True
+
+    @property
+    def dot_length(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, h, weight=None, bias=True):
+        return F.linear(h, self.weight if weight is None else weight,
+                        self.bias if bias else None)
+
+    def apply_transpose(self, A, weight=None):
+        return A.matmul(self.weight if weight is None else weight)
+
+    def bias_term(self, A, magnitude=False):
+        c = self.bias
+        if c is None:
+            return None
+        if magnitude:
+            c = self._bias_mag()
+        return A.matmul(c)
+
+    def bias_view(self, t, ndim):
+        return t
+
+
+class ConvPiece(AffinePiece):
+    """``nn.Conv2d``: its weight and bias plus ``stride/padding/dilation/groups``."""
+    dense = True
+
+    def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                 **kw):
+        super().__init__(weight, bias, **kw)
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), int(groups)
+
+    @property
+    def dot_length(self) -> int:
+        w = self.weight
+        return int(w.shape[0] // self.groups * w.shape[2] * w.shape[3])
+
+    def forward(self, h, weight=None, bias=True):
+        return F.conv2d(h, self.weight if weight is None else weight,
+                        self.bias if bias else None, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def apply_transpose(self, A, weight=None):
+        w = self.weight if weight is None else weight
+        lead = A.shape[:2]
+        flat = A.reshape((-1,) + self.out_shape)
+        out_hw = []
+        for i in range(2):
+            k = w.shape[2 + i]
+            full = ((self.out_shape[1 + i] - 1) * self.stride[i] - 2 * self.padding[i]
+                    + self.dilation[i] * (k - 1) + 1)
+            out_hw.append(self.in_shape[1 + i] - full)
+        back = F.conv_transpose2d(flat, w, None, self.stride, self.padding, tuple(out_hw),
+                                  self.groups, self.dilation)
+        return back.reshape(lead + self.in_shape)
+
+    def bias_term(self, A, magnitude=False):
+        c = self.bias
+        if c is None:
+            return None
+        if magnitude:
+            c = self._bias_mag()
+        per_channel = A.sum(dim=tuple(range(3, A.dim()))) if A.dim() > 3 else A
+        return per_channel.matmul(c)
+
+    def bias_view(self, t, ndim):
+        return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class ChannelPiece(AffinePiece):
+    """A per-channel scale and shift: ``weight``, ``bias`` are ``[C]`` acting on dimension 1 of
+    ``[B, C, *]`` (batch norm with resolved statistics, ``Normalize``)."""
+
+    def _chan(self, t: Tensor, ndim: int) -> Tensor:
+        return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+    def forward(self, h, weight=None, bias=True):
+        w = self.weight if weight is None else weight
+        z = h * self._chan(w, h.dim())
+        return z + self._chan(self.bias, h.dim()) if (bias and self.bias is not None) else z
+
+    def apply_transpose(self, A, weight=None):
+        w = self.weight if weight is None else weight
+        return A * w.reshape((1, 1, -1) + (1,) * (A.dim() - 3))
+
+    def bias_term(self, A, magnitude=False):
+        c = self.bias
+        if c is None:
+            return None
+        if magnitude:
+            c = self._bias_mag()
+        per_channel = A.sum(dim=tuple(range(3, A.dim()))) if A.dim() > 3 else A
+        return per_channel.matmul(c)
+
+    def bias_view(self, t, ndim):
+        return self._chan(t, ndim)
+
+
+class ElementwisePiece(AffinePiece):
+    """``z = h * weight + bias`` with ``weight`` / ``bias`` (either may be ``None``: 1 / 0)
+    broadcast over one sample: tensors of shape ``[*s]`` broadcastable to ``in_shape``
+    (arithmetic with constants or buffers, per element or per channel)."""
+
+    def _b(self, t: Tensor, ndim: int) -> Tensor:
+        return t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+
+    def forward(self, h, weight=None, bias=True):
+        w = self.weight if weight is None else weight
+        z = h * self._b(w, h.dim()) if w is not None else h
+        return z + self._b(self.bias, h.dim()) if (bias and self.bias is not None) else z
+
+    def apply_transpose(self, A, weight=None):
+        w = self.weight if weight is None else weight
+        return A * self._b(w, A.dim()) if w is not None else A
+
+    def bias_term(self, A, magnitude=False):
+        c = self.bias
+        if c is None:
+            return None
+        if magnitude:
+            c = self._bias_mag()
+        return abs_sum(A * self._b(c, A.dim()))
+
+    def bias_view(self, t, ndim):
+        return self._b(t, ndim)
+
+    def sound_box(self, boxes: Sequence[Box]) -> Box:
+        if self.weight is None:  # a pure shift: one rounded addition per entry
+            L, U = boxes[0]
+            tiny = torch.finfo(L.dtype).tiny
+            b = self._b(self.bias, L.dim())
+            if self.coef_rel_err == 0:
+                return down(L + b), up(U + b)
+            err = 2 * gamma(self.coef_rel_err + 1, L.dtype) * self._b(self._bias_mag(), L.dim())
+            return down(down(L + b) - (err + tiny)), up(up(U + b) + (err + tiny))
+        return super().sound_box(boxes)
+
+    def rounding_error(self, A, back, walk):
+        if self.weight is None:  # A passes unchanged: only the constant's sum is rounded
+            if back.const is None:
+                return None
+            dtype = A.dtype
+            n = math.prod(self.out_shape) + self.coef_rel_err + 1
+            return (2 * gamma(n, dtype) * self.bias_term(A.abs(), magnitude=True)
+                    + 2 * math.prod(self.out_shape) * torch.finfo(dtype).tiny)
+        return super().rounding_error(A, back, walk)
+

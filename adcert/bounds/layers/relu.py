@@ -1,0 +1,187 @@
+"""ReLU: ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``.
+
+* IBP: ``(relu(l), relu(u))`` (:func:`adcert.ops.interval_relu`), optionally with SABR's
+  ReLU-output shrink (:func:`shrunk_relu`, a training heuristic, unsound).
+* Sound IBP: ``max(L, 0), max(U, 0)`` (exact).
+* Relaxation: stable-active neurons pass ``A`` through, stable-inactive ones drop it; for an
+  unstable one (``l < 0 < u``) a positive coefficient takes the lower line ``alpha z``
+  (``0 <= alpha <= 1``, CROWN's adaptive choice by default, optimised by alpha-CROWN) and a
+  negative one the upper (chord) line ``u (z - l) / (u - l)``. beta-CROWN's split multipliers are
+  subtracted from the input coefficients.
+* Sound backward: the chord slope and intercept are rounded UP (``(1 + 4u)`` factors: any larger
+  slope through ``(l, 0)`` and any larger intercept is still an upper line on ``[l, u]``); lower
+  slopes are in ``[0, 1]``, exactly valid; one rounding per entry of ``A'``:
+  ``A . relu(z) >= A' . z + fl(c) - gamma_2 |A'| . m_z - gamma_{n+1} |c terms|``; a beta
+  subtraction ``T = fl(A' - beta s)`` adds ``gamma_1 |T| . m_z``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import torch.nn.functional as F
+
+from adcert import ops
+from adcert.bounds.registry import register_call
+from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, Tensor, \
+    Walk, abs_sum
+from adcert.ops._rounding import gamma, unit_roundoff
+
+
+def shrunk_relu(mu: Tensor, r: Tensor, shrink: float = 1.0) -> Box:
+    """The ReLU of the box ``(mu, r)`` (any shape) with SABR's ReLU-output shrink (Mueller et
+    al. 2023; CTBench Table 5 "ReLU shrink ratio", its ``relu_shrinkage``): an unstable neuron
+    (``l < 0 < u``) gets the output box ``[0, shrink * u]`` instead of ``[0, u]``; stable ones are
+    unchanged. ``shrink = 1`` is :func:`adcert.ops.interval_relu`. For ``shrink < 1`` the box is
+    NOT sound (a training heuristic that weakens IBP's regularisation); never certify with it."""
+    if shrink == 1.0:
+        return ops.interval_relu(mu, r)
+    lb, ub = mu - r, mu + r
+    ub = torch.where((lb < 0) & (ub > 0), ub * shrink, ub)
+    lo, hi = lb.clamp(min=0), ub.clamp(min=0)
+    return (hi + lo) / 2, (hi - lo) / 2
+
+
+def relu_out(mu: Tensor, r: Tensor, ctx: IbpCtx) -> Box:
+    """A ReLU in an interval pass: record its input box when collecting, then apply it."""
+    if ctx.relu_bounds is not None:
+        ctx.relu_bounds.append((mu - r, mu + r))
+    return shrunk_relu(mu, r, ctx.relu_shrink)
+
+
+def sound_relu_out(L: Tensor, U: Tensor, ctx: IbpCtx) -> Box:
+    """A ReLU in a sound pass (exact on end points), recording its input box."""
+    if ctx.relu_bounds is not None:
+        ctx.relu_bounds.append((L, U))
+    return L.clamp(min=0), U.clamp(min=0)
+
+
+def relu_lines(lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masks and the upper (chord) line of ReLU on ``[lower, upper]`` (any shape).
+
+    Returns ``(active, unstable, up_slope, up_icpt)``: ``active`` = ``lower >= 0``,
+    ``unstable`` = ``lower < 0 < upper``; for unstable neurons the chord
+    ``up_slope * z + up_icpt`` with ``up_slope = u / (u - l)``, ``up_icpt = -l u / (u - l)``;
+    for stable ones ``up_slope`` is 1 (active) or 0 and ``up_icpt`` 0."""
+    active = lower >= 0
+    unstable = (lower < 0) & (upper > 0)
+    denom = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    slope = torch.where(unstable, upper / denom, active.to(upper.dtype))
+    icpt = torch.where(unstable, -lower * slope, torch.zeros_like(upper))
+    return active, unstable, slope, icpt
+
+
+def adaptive_alpha(lower: Tensor, upper: Tensor) -> Tensor:
+    """CROWN's adaptive lower slope: 1 where ``u >= -l`` else 0 (same shape as the bounds)."""
+    return (upper >= -lower).to(upper.dtype)
+
+
+def relu_backward(A: Tensor, lower: Tensor, upper: Tensor, alpha: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Lower-bound back-substitution through a ReLU.
+
+    ``A: [B, S, *shape]``; ``lower, upper: [B, *shape]`` bounds of the ReLU input; ``alpha``:
+    lower slopes for unstable neurons, broadcastable to ``A`` (default: adaptive).
+    Returns ``(A_new, const, lower_slope)``: ``A . relu(z) >= A_new . z + const`` for every
+    ``z`` in the box; ``const: [B, S]``."""
+    active, unstable, up_slope, up_icpt = relu_lines(lower, upper)
+    if alpha is None:
+        alpha = adaptive_alpha(lower, upper).unsqueeze(1)
+    lo_slope = torch.where(unstable.unsqueeze(1), alpha, active.unsqueeze(1).to(A.dtype))
+    pos, neg = A.clamp(min=0), A.clamp(max=0)
+    A_new = pos * lo_slope + neg * up_slope.unsqueeze(1)
+    const = (neg * up_icpt.unsqueeze(1)).flatten(2).sum(-1)
+    return A_new, const, lo_slope
+
+
+class ReluPiece(Piece):
+    """A ReLU of the lowered network (an activation: its relaxation reads its input box)."""
+    is_activation = True
+    splittable = True
+
+    def forward(self, h, weight=None, bias=True):
+        return torch.relu(h)
+
+    def sound_box(self, boxes: Sequence[Box]) -> Box:
+        L, U = boxes[0]
+        return L.clamp(min=0), U.clamp(min=0)
+
+    def init_alpha(self, lower, upper):
+        return adaptive_alpha(lower, upper)
+
+    def backward(self, A: Tensor, walk: Walk) -> Back:
+        k = self.act_index
+        lo, up = walk.boxes[k]
+        if walk.relu_coefs is not None:
+            walk.relu_coefs[k] = A
+        alpha = None if walk.alphas is None else walk.alphas.get(k)
+        beta = None if walk.betas is None else walk.betas.get(k)
+        if not walk.sound:
+            A_new, c, _ = relu_backward(A, lo, up, alpha)
+            if beta is not None:
+                A_new = A_new - beta
+            return Back((A_new,), c)
+        # sound: chord rounded up, error terms in rounding_error
+        dtype = A.dtype
+        u_r = unit_roundoff(dtype)
+        active, unstable, slope, icpt = relu_lines(lo, up)
+        slope = torch.where(unstable, slope * (1 + 4 * u_r), slope)
+        icpt = torch.where(unstable, (-lo * slope) * (1 + 4 * u_r), icpt)
+        if alpha is None:
+            alpha = (up >= -lo).to(dtype).unsqueeze(1)
+        lo_slope = torch.where(unstable.unsqueeze(1), alpha.clamp(0, 1),
+                               active.unsqueeze(1).to(dtype))
+        neg = A.clamp(max=0)
+        A_new = A.clamp(min=0) * lo_slope + neg * slope.unsqueeze(1)
+        terms = neg * icpt.unsqueeze(1)
+        A_beta = None if beta is None else A_new - beta
+        return Back((A_new if A_beta is None else A_beta,), abs_sum(terms), (A_new, terms, A_beta))
+
+    def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
+        dtype = A.dtype
+        tiny = torch.finfo(dtype).tiny
+        A_new, terms, A_beta = back.aux
+        lo, up = walk.boxes[self.act_index]
+        m_h = torch.maximum(lo.abs(), up.abs()).unsqueeze(1)
+        n = math.prod(self.out_shape)
+        err = 2 * (gamma(2, dtype) * abs_sum(A_new.abs() * m_h)
+                   + gamma(n + 1, dtype) * abs_sum(terms.abs())) + 2 * n * tiny
+        if A_beta is not None:  # one rounding per entry: |E| <= gamma_1 |T|
+            err = err + 2 * gamma(1, dtype) * abs_sum(A_beta.abs() * m_h) + 2 * n * tiny
+        return err
+
+
+@dataclass(frozen=True, eq=False)
+class ReluStep(Node):
+    """A ReLU not fused into a preceding affine step."""
+    module: nn.Module
+
+    @property
+    def modules(self):
+        return (self.module,)
+
+    def forward(self, h: Tensor, ctx: ForwardCtx) -> Tensor:
+        return torch.relu(h)
+
+    def ibp(self, mu, r, ctx: IbpCtx) -> Box:
+        if ctx.split:
+            return relu_out(mu, r, ctx)
+        return ops.interval_relu(mu, r)
+
+    def sound_ibp(self, L, U, ctx: IbpCtx) -> Box:
+        return sound_relu_out(L, U, ctx)
+
+    def lower(self, lw: Lowerer) -> None:
+        lw.add(ReluPiece())
+
+    def first_module(self):
+        return None
+
+
+@register_call(F.relu, torch.relu, ".relu", ".relu_", names=("F.relu", "torch.relu", ".relu()"))
+def _relu_call(args, kwargs, what):
+    return nn.ReLU()
