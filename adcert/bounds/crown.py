@@ -178,10 +178,12 @@ def ibp_is_exact(low: Lowered, end: int) -> bool:
     return not any(o.act_index is not None for o in ops) and sum(1 for o in ops if o.dense) <= 1
 
 
-def unstable_order(lo: Tensor, up: Tensor) -> Tuple[Tensor, int]:
+def unstable_order(lo: Tensor, up: Tensor, loose: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, int]:
     """Flat neuron indices ``[B, n_max]`` with each sample's unstable neurons first, and
-    ``n_max`` = the largest per-sample unstable count (one host synchronisation)."""
-    unstable = ((lo < 0) & (up > 0)).flatten(1)
+    ``n_max`` = the largest per-sample unstable count (one host synchronisation). ``loose``:
+    the mask of neurons to tighten (default: ReLU-unstable, ``lo < 0 < up``)."""
+    unstable = ((lo < 0) & (up > 0) if loose is None else loose).flatten(1)
     n_max = int(unstable.sum(1).max()) if unstable.numel() else 0
     order = torch.sort(unstable.to(torch.int8), dim=1, descending=True, stable=True).indices
     return order[:, :n_max], n_max
@@ -212,7 +214,7 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
         if not ibp_is_exact(low, end):
             lo, up = box
             shape = low.ops[at].in_shape
-            idx, n_max = unstable_order(lo, up)
+            idx, n_max = unstable_order(lo, up, low.ops[at].loose(lo, up))
             widest = max([math.prod(low.in_shape)] + [
                 max(math.prod(o.in_shape), math.prod(o.out_shape)) for o in low.ops[:at]])
             chunk = max(1, max_elems // max(1, 2 * B * widest))

@@ -78,7 +78,7 @@ BETA_BOUND_DEFAULTS = {"iterations": 50, "lr": 0.2, "lr_beta": 0.2}
 # Adam steps for a warm-started (non-root) domain
 WARM_ITERATIONS = 15
 # (slopes, multipliers) of a batch of domains: one [n, S, *relu shape] tensor per ReLU each
-Warm = Tuple[List[Tensor], List[Tensor]]
+Warm = Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]  # None: a layer without them
 
 
 class ReluSplitBaB:
@@ -169,17 +169,19 @@ class ReluSplitBaB:
         if out is not None:
             kw["alpha_out"] = out
             if warm is not None:
-                kw["init_alphas"] = dict(enumerate(warm[0]))
-                kw["init_betas"] = dict(enumerate(warm[1]))
+                kw["init_alphas"] = {k: a for k, a in enumerate(warm[0]) if a is not None}
+                kw["init_betas"] = {k: b for k, b in enumerate(warm[1]) if b is not None}
         with torch.no_grad():
             m = compute_bounds(model, x, eps, method=self.method, y=y, sound=self.sound,
                                relu_bounds=boxes, **kw)
         if out is None:
             return worst_margin(m, y), boxes, None
-        alphas = [out["alphas"][k] for k in range(len(boxes))]
+        # activations without optimisable relaxations (max pooling) have no slopes
+        alphas = [out["alphas"].get(k) for k in range(len(boxes))]
         # a layer without any split in this batch returns no multipliers: keep the start (or 0)
         betas = [out["betas"][k] if k in out["betas"] else
-                 (warm[1][k] if warm is not None else torch.zeros_like(alphas[k]))
+                 (warm[1][k] if warm is not None else
+                  None if alphas[k] is None else torch.zeros_like(alphas[k]))
                  for k in range(len(boxes))]
         return worst_margin(m, y), boxes, (alphas, betas)
 
@@ -264,7 +266,11 @@ class ReluSplitBaB:
         worst, boxes, warm = self._bound(model, x, y, eps, None)
         if bool(worst[0] > 0):
             return "certified", float(worst[0]), None
-        low = self._lowered(model, x) if self.branching == "babsr" else None
+        low = self._lowered(model, x)
+        # only ReLU neurons are split (Sigmoid/Tanh/max-pooling inputs are bounded, not split)
+        splittable = [low.activation(k).splittable for k in range(len(boxes))]
+        if self.branching != "babsr":
+            low = None
         # the queue: one stacked split tensor [N, *shape_k] per ReLU layer
         queue = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes]
         # with warm_start: each queued domain's starting slopes and multipliers, [N, S, *shape_k]
@@ -289,7 +295,7 @@ class ReluSplitBaB:
             seen += n
             prog["domains"], prog["rounds"] = seen + 1, rounds
             worst, boxes, d_warm = self._bound(model, x.expand(n, *x.shape[1:]), y.expand(n),
-                                               eps, {k: s for k, s in enumerate(dom)}, d_warm,
+                                               eps, _relu_splits(dom, splittable), d_warm,
                                                **warm_kw)
             empty = torch.zeros(n, dtype=torch.bool, device=x.device)
             for lo, up in boxes:
@@ -305,8 +311,9 @@ class ReluSplitBaB:
             d_warm = None if d_warm is None else _take(d_warm, keep)
             # the score of every unstable, unsplit neuron, all layers flattened
             scores = []
-            for s, (lo, up), sc in zip(dom, boxes, self._scores(low, x, y, eps, boxes)):
-                unstable = (lo < 0) & (up > 0) & (s == 0)
+            for s, (lo, up), sc, ok in zip(dom, boxes, self._scores(low, x, y, eps, boxes),
+                                           splittable):
+                unstable = (lo < 0) & (up > 0) & (s == 0) & ok
                 scores.append(torch.where(unstable, sc, torch.full_like(sc, -1.0)).flatten(1))
             best_score, best = torch.cat(scores, 1).max(1)
             done = best_score < 0  # nothing left to split, still not verified
@@ -315,7 +322,7 @@ class ReluSplitBaB:
                 lr_b = float(self.bound_options.get("lr_beta", 0.05))
                 w, _, _ = self._bound(model, x.expand(int(done.sum()), *x.shape[1:]),
                                       y.expand(int(done.sum())), eps,
-                                      {k: s[done] for k, s in enumerate(dom)},
+                                      _relu_splits([s[done] for s in dom], splittable),
                                       None if d_warm is None else _take(d_warm, done),
                                       iterations=max(4 * it, 100), patience=25,
                                       lr_decay=0.99, lr_beta=max(4 * lr_b, 0.2))
@@ -352,8 +359,8 @@ class ReluSplitBaB:
                 offset += m_
             queue = [torch.cat([q, c]) for q, c in zip(queue, children)]
             if d_warm is not None:  # both children start from the parent's optimum
-                q_warm = tuple([torch.cat([q, p, p]) for q, p in zip(qs, ps)]
-                               for qs, ps in zip(q_warm, d_warm))
+                q_warm = tuple([None if p is None else torch.cat([q, p, p])
+                                for q, p in zip(qs, ps)] for qs, ps in zip(q_warm, d_warm))
         return "certified", (closed_min if closed_min < float("inf") else None), None
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
@@ -370,9 +377,15 @@ class ReluSplitBaB:
                        [st["seconds"] for st in self.last_stats])
 
 
+def _relu_splits(dom: List[Tensor], splittable: List[bool]) -> Dict[int, Tensor]:
+    """The ``splits`` option: the split tensors of the splittable (ReLU) layers."""
+    return {k: s for k, (s, ok) in enumerate(zip(dom, splittable)) if ok}
+
+
 def _take(warm: Warm, index) -> Warm:
     """The rows ``index`` (a slice or a bool mask over domains) of every tensor of ``warm``."""
-    return [t[index] for t in warm[0]], [t[index] for t in warm[1]]
+    return ([None if t is None else t[index] for t in warm[0]],
+            [None if t is None else t[index] for t in warm[1]])
 
 
 __all__ = ["ReluSplitBaB", "BAB_METHODS", "BETA_BOUND_DEFAULTS", "WARM_ITERATIONS"]

@@ -6,5 +6,7 @@ from adcert.bounds.layers import relu  # noqa: F401
 from adcert.bounds.layers import normalize  # noqa: F401
 from adcert.bounds.layers import shape  # noqa: F401
 from adcert.bounds.layers import avg_pool  # noqa: F401
+from adcert.bounds.layers import max_pool  # noqa: F401
+from adcert.bounds.layers import s_shaped  # noqa: F401
 from adcert.bounds.layers import join  # noqa: F401
 from adcert.bounds.layers import arith  # noqa: F401  (handled by the tracer)

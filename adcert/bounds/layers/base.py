@@ -153,6 +153,11 @@ class Piece:
         relaxation step (the sound hook; ``None`` = exact)."""
         return None
 
+    def loose(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """Activations: the neurons ``[B, *shape]`` whose relaxation gains from tighter input
+        bounds (CROWN tightens only those)."""
+        return lower < upper
+
     def init_alpha(self, lower: Tensor, upper: Tensor) -> Optional[Tensor]:
         """Activations with optimisable relaxations: the initial ``alpha: [B, *shape]`` in
         ``[0, 1]`` that reproduces the CROWN relaxation, else ``None``."""

@@ -113,6 +113,9 @@ class ReluPiece(Piece):
     def init_alpha(self, lower, upper):
         return adaptive_alpha(lower, upper)
 
+    def loose(self, lower, upper):
+        return (lower < 0) & (upper > 0)
+
     def backward(self, A: Tensor, walk: Walk) -> Back:
         k = self.act_index
         lo, up = walk.boxes[k]
