@@ -215,8 +215,10 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
             lo, up = box
             shape = low.ops[at].in_shape
             idx, n_max = unstable_order(lo, up, low.ops[at].loose(lo, up))
-            widest = max([math.prod(low.in_shape)] + [
-                max(math.prod(o.in_shape), math.prod(o.out_shape)) for o in low.ops[:at]])
+            # the largest coefficient tensor of the walk: A at some piece's input
+            widest = max([math.prod(low.in_shape)] + [math.prod(s) for o in low.ops[:at]
+                                                      for s in getattr(o, "in_shapes",
+                                                                       (o.in_shape,))])
             chunk = max(1, max_elems // max(1, 2 * B * widest))
             lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
             for s in range(0, n_max, chunk):

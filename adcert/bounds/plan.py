@@ -133,8 +133,10 @@ def flatten_modules(model: nn.Module) -> Tuple[nn.Module, ...]:
     return tuple(out)
 
 
-def build_plan(model: nn.Module) -> LayerPlan:
-    """Build (without caching) the :class:`LayerPlan` of a Sequential ``model``.
+def build_plan(model: nn.Module, fuse: bool = True) -> LayerPlan:
+    """Build (without caching) the :class:`LayerPlan` of a Sequential ``model``. ``fuse=False``
+    gives the general path: one step per module, no fused conv/linear + BN + ReLU (the fast path
+    must give the same bounds; tests compare them).
 
     Raises ``NotImplementedError`` naming the first unsupported module and listing the supported
     ones."""
@@ -145,14 +147,15 @@ def build_plan(model: nn.Module) -> LayerPlan:
         item = registry.module_builder(m)(m)
         if item is not None:
             items.append(item)
-    return LayerPlan(modules=modules, steps=tuple(fuse_modules(items)))
+    return LayerPlan(modules=modules, steps=tuple(fuse_modules(items, fuse)))
 
 
-def fuse_modules(kept: List[Union[nn.Module, Node]]) -> List[Node]:
+def fuse_modules(kept: List[Union[nn.Module, Node]], fuse: bool = True) -> List[Node]:
     """Items in order -- ready steps, or the fusable modules (conv/linear, batch norm, ReLU) the
     registry hands back as themselves -> steps: conv/linear + matching BN + ReLU fuse into one
     :class:`AffineStep`, a BN (+ ReLU) not after a conv/linear into a :class:`BatchNormStep`, a
-    lone ReLU into a :class:`ReluStep`. Also used for the chains of traced models."""
+    lone ReLU into a :class:`ReluStep`. Also used for the chains of traced models. ``fuse=False``:
+    every module its own step."""
     steps: List[Node] = []
     i = 0
     while i < len(kept):
@@ -164,12 +167,12 @@ def fuse_modules(kept: List[Union[nn.Module, Node]]) -> List[Node]:
             group: List[nn.Module] = [m]
             j = i + 1
             bn = m if isinstance(m, _BATCH_NORM) else None
-            if bn is None and j < len(kept) and isinstance(kept[j], _BATCH_NORM) and \
+            if fuse and bn is None and j < len(kept) and isinstance(kept[j], _BATCH_NORM) and \
                     _bn_matches(m, kept[j]):
                 bn = kept[j]
                 group.append(bn)
                 j += 1
-            relu = j < len(kept) and isinstance(kept[j], nn.ReLU)
+            relu = fuse and j < len(kept) and isinstance(kept[j], nn.ReLU)
             if relu:
                 group.append(kept[j])
                 j += 1

@@ -59,6 +59,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adcert.attacks.autoattack import verify_counterexamples
@@ -223,17 +224,18 @@ class ReluSplitBaB:
             return heights
         from adcert.bounds.inputs import input_box
         from adcert.bounds.linear_relax import backward_lower
+        from adcert.bounds.spec import margin_spec
 
         n = boxes[0][0].shape[0]
         C = low.out_shape[0]
-        eye = torch.eye(C, dtype=x.dtype, device=x.device)
-        spec = (eye[y][:, None] - eye[None]).expand(n, C, C)
+        spec = margin_spec(y, C, x.dtype, x.device).expand(n, C, C)
         mu, r = input_box(x, eps)
         coefs: Dict[int, Tensor] = {}
         with torch.no_grad():
             lb = backward_lower(low, len(low.ops), spec, mu.expand(n, *mu.shape[1:]),
                                 r.expand(n, *r.shape[1:]), boxes, relu_coefs=coefs)
-        row = lb.masked_fill(eye[y].bool().expand(n, C), float("inf")).argmin(1)
+        own = F.one_hot(y, C).bool().expand(n, C)
+        row = lb.masked_fill(own, float("inf")).argmin(1)
         pick = torch.arange(n, device=x.device)
         return [(-coefs[k][pick, row]).clamp(min=0) * h + 1e-3 * h if k in coefs else h
                 for k, h in enumerate(heights)]

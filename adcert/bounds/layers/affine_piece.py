@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from adcert.bounds.layers.base import Back, Box, Piece, Tensor, Walk, abs_sum
+from adcert.bounds.layers.base import Back, Box, Piece, Tensor, Walk, feature_sum
 from adcert.ops._rounding import down, gamma, up
 
 
@@ -52,6 +52,10 @@ class AffinePiece(Piece):
             return None
         return self.bias_mag if self.bias_mag is not None else self.bias.abs()
 
+    def bias_value(self, magnitude: bool = False) -> Optional[Tensor]:
+        """``c`` (``None`` without a bias), or with ``magnitude`` its magnitude bound."""
+        return self._bias_mag() if magnitude else self.bias
+
     # -- back-substitution -------------------------------------------------------------
     def backward(self, A: Tensor, walk: Walk) -> Back:
         return Back((self.apply_transpose(A),), self.bias_term(A))
@@ -62,7 +66,7 @@ class AffinePiece(Piece):
         m_h = walk.magnitude(self.src)
         absA = A.abs()
         k = self.dot_length + self.coef_rel_err + 1
-        err = 2 * gamma(k, dtype) * abs_sum(self.apply_transpose(absA, self.weight.abs()) * m_h)
+        err = 2 * gamma(k, dtype) * feature_sum(self.apply_transpose(absA, self.weight.abs()) * m_h)
         if back.const is not None:
             n = math.prod(self.out_shape) + self.coef_rel_err + 1
             err = err + 2 * gamma(n, dtype) * self.bias_term(absA, magnitude=True)
@@ -103,18 +107,28 @@ class LinearPiece(AffinePiece):
         return A.matmul(self.weight if weight is None else weight)
 
     def bias_term(self, A, magnitude=False):
-        c = self.bias
-        if c is None:
-            return None
-        if magnitude:
-            c = self._bias_mag()
-        return A.matmul(c)
+        c = self.bias_value(magnitude)
+        return None if c is None else A.matmul(c)
 
     def bias_view(self, t, ndim):
         return t
 
 
-class ConvPiece(AffinePiece):
+class ChannelBias:
+    """The bias rules of pieces whose bias is per channel (dimension 1 of ``[B, C, *]``)."""
+
+    def bias_term(self, A, magnitude=False):
+        c = self.bias_value(magnitude)
+        if c is None:
+            return None
+        per_channel = A.sum(dim=tuple(range(3, A.dim()))) if A.dim() > 3 else A
+        return per_channel.matmul(c)
+
+    def bias_view(self, t, ndim):
+        return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class ConvPiece(ChannelBias, AffinePiece):
     """``nn.Conv2d``: its weight and bias plus ``stride/padding/dilation/groups``."""
     dense = True
 
@@ -148,46 +162,18 @@ class ConvPiece(AffinePiece):
                                   self.groups, self.dilation)
         return back.reshape(lead + self.in_shape)
 
-    def bias_term(self, A, magnitude=False):
-        c = self.bias
-        if c is None:
-            return None
-        if magnitude:
-            c = self._bias_mag()
-        per_channel = A.sum(dim=tuple(range(3, A.dim()))) if A.dim() > 3 else A
-        return per_channel.matmul(c)
-
-    def bias_view(self, t, ndim):
-        return t.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-class ChannelPiece(AffinePiece):
+class ChannelPiece(ChannelBias, AffinePiece):
     """A per-channel scale and shift: ``weight``, ``bias`` are ``[C]`` acting on dimension 1 of
     ``[B, C, *]`` (batch norm with resolved statistics, ``Normalize``)."""
 
-    def _chan(self, t: Tensor, ndim: int) -> Tensor:
-        return t.reshape((1, -1) + (1,) * (ndim - 2))
-
     def forward(self, h, weight=None, bias=True):
         w = self.weight if weight is None else weight
-        z = h * self._chan(w, h.dim())
-        return z + self._chan(self.bias, h.dim()) if (bias and self.bias is not None) else z
+        z = h * self.bias_view(w, h.dim())
+        return z + self.bias_view(self.bias, h.dim()) if (bias and self.bias is not None) else z
 
     def apply_transpose(self, A, weight=None):
         w = self.weight if weight is None else weight
         return A * w.reshape((1, 1, -1) + (1,) * (A.dim() - 3))
-
-    def bias_term(self, A, magnitude=False):
-        c = self.bias
-        if c is None:
-            return None
-        if magnitude:
-            c = self._bias_mag()
-        per_channel = A.sum(dim=tuple(range(3, A.dim()))) if A.dim() > 3 else A
-        return per_channel.matmul(c)
-
-    def bias_view(self, t, ndim):
-        return self._chan(t, ndim)
 
 
 class ElementwisePiece(AffinePiece):
@@ -208,12 +194,8 @@ class ElementwisePiece(AffinePiece):
         return A * self._b(w, A.dim()) if w is not None else A
 
     def bias_term(self, A, magnitude=False):
-        c = self.bias
-        if c is None:
-            return None
-        if magnitude:
-            c = self._bias_mag()
-        return abs_sum(A * self._b(c, A.dim()))
+        c = self.bias_value(magnitude)
+        return None if c is None else feature_sum(A * self._b(c, A.dim()))
 
     def bias_view(self, t, ndim):
         return self._b(t, ndim)

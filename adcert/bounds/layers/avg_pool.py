@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, \
-    Tensor, Walk, abs_sum
+    Tensor, Walk, feature_sum
 from adcert.bounds.registry import register_call, register_module, unsupported_call
 from adcert.ops._rounding import down, gamma, up
 
@@ -71,7 +71,7 @@ class AvgPoolPiece(Piece):
         dtype = A.dtype
         m_h = walk.magnitude(self.src)
         return (2 * gamma(t + 2, dtype)
-                * abs_sum(linear_adjoint(self.pool, A.abs(), self.in_shape, self.out_shape) * m_h)
+                * feature_sum(linear_adjoint(self.pool, A.abs(), self.in_shape, self.out_shape) * m_h)
                 + 2 * (math.prod(self.in_shape) + math.prod(self.out_shape)) * (t + 2)
                 * torch.finfo(dtype).tiny)
 

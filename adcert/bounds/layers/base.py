@@ -184,7 +184,7 @@ class Walk:
         return self.hook.magnitude(j)
 
 
-def abs_sum(t: Tensor) -> Tensor:
+def feature_sum(t: Tensor) -> Tensor:
     """``[B, S, *] -> [B, S]`` sum over the feature dimensions."""
     return t.flatten(2).sum(-1)
 

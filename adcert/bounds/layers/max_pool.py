@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, \
-    Tensor, Walk, abs_sum
+    Tensor, Walk, feature_sum
 from adcert.bounds.registry import register_call, register_module, unsupported_call
 from adcert.ops._rounding import gamma
 
@@ -112,7 +112,7 @@ class MaxPoolPiece(Piece):
         terms = neg * (1 - dom) * max_upper.unsqueeze(1)
         idx = index.unsqueeze(1).expand(B, S, C, index.shape[-1])
         A_in = Af.new_zeros(B, S, C, H * W).scatter_add(3, idx, coef)
-        const = abs_sum(terms)
+        const = feature_sum(terms)
         aux = (idx, coef.abs(), terms) if walk.sound else None
         return Back((A_in.reshape((B, S) + tuple(self.in_shape)),), const, aux)
 
@@ -126,8 +126,8 @@ class MaxPoolPiece(Piece):
         spread = A.new_zeros(B, S, C, H * W).scatter_add(3, idx, abs_coef)
         n = math.prod(self.out_shape)
         return (2 * gamma(self.geometry.overlap, dtype)
-                * abs_sum(spread.reshape((B, S) + tuple(self.in_shape)) * m_h)
-                + 2 * gamma(n + 1, dtype) * abs_sum(terms.abs())
+                * feature_sum(spread.reshape((B, S) + tuple(self.in_shape)) * m_h)
+                + 2 * gamma(n + 1, dtype) * feature_sum(terms.abs())
                 + 2 * (n + math.prod(self.in_shape)) * torch.finfo(dtype).tiny)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from adcert import ops
 from adcert.bounds.registry import register_call
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, Tensor, \
-    Walk, abs_sum
+    Walk, feature_sum
 from adcert.ops._rounding import gamma, unit_roundoff
 
 
@@ -142,7 +142,7 @@ class ReluPiece(Piece):
         A_new = A.clamp(min=0) * lo_slope + neg * slope.unsqueeze(1)
         terms = neg * icpt.unsqueeze(1)
         A_beta = None if beta is None else A_new - beta
-        return Back((A_new if A_beta is None else A_beta,), abs_sum(terms), (A_new, terms, A_beta))
+        return Back((A_new if A_beta is None else A_beta,), feature_sum(terms), (A_new, terms, A_beta))
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
         dtype = A.dtype
@@ -151,10 +151,10 @@ class ReluPiece(Piece):
         lo, up = walk.boxes[self.act_index]
         m_h = torch.maximum(lo.abs(), up.abs()).unsqueeze(1)
         n = math.prod(self.out_shape)
-        err = 2 * (gamma(2, dtype) * abs_sum(A_new.abs() * m_h)
-                   + gamma(n + 1, dtype) * abs_sum(terms.abs())) + 2 * n * tiny
+        err = 2 * (gamma(2, dtype) * feature_sum(A_new.abs() * m_h)
+                   + gamma(n + 1, dtype) * feature_sum(terms.abs())) + 2 * n * tiny
         if A_beta is not None:  # one rounding per entry: |E| <= gamma_1 |T|
-            err = err + 2 * gamma(1, dtype) * abs_sum(A_beta.abs() * m_h) + 2 * n * tiny
+            err = err + 2 * gamma(1, dtype) * feature_sum(A_beta.abs() * m_h) + 2 * n * tiny
         return err
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, \
-    Tensor, Walk, abs_sum
+    Tensor, Walk, feature_sum
 from adcert.bounds.registry import register_call, register_module
 from adcert.ops._rounding import down, gamma, unit_roundoff, up
 
@@ -153,7 +153,7 @@ class SShapePiece(Piece):
         pos, neg = A.clamp(min=0), A.clamp(max=0)
         A_new = A * k
         terms = pos * b_low + neg * b_up
-        return Back((A_new,), abs_sum(terms), (A_new, terms) if walk.sound else None)
+        return Back((A_new,), feature_sum(terms), (A_new, terms) if walk.sound else None)
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
         A_new, terms = back.aux
@@ -161,8 +161,8 @@ class SShapePiece(Piece):
         lo, up = walk.boxes[self.act_index]
         m_h = torch.maximum(lo.abs(), up.abs()).unsqueeze(1)
         n = math.prod(self.out_shape)
-        return (2 * (gamma(2, dtype) * abs_sum(A_new.abs() * m_h)
-                     + gamma(n + 1, dtype) * abs_sum(terms.abs()))
+        return (2 * (gamma(2, dtype) * feature_sum(A_new.abs() * m_h)
+                     + gamma(n + 1, dtype) * feature_sum(terms.abs()))
                 + 2 * n * torch.finfo(dtype).tiny)
 
 
