@@ -228,3 +228,25 @@ def test_gamma_and_directed_rounding_helpers():
     c, rho = soundlib.centre_radius(L, U)
     Lf, Uf, cf, rf = (v.double() for v in (L, U, c, rho))
     assert bool((cf - rf <= Lf).all()) and bool((cf + rf >= Uf).all())
+
+
+def test_sound_convolutions_never_use_winograd_backends():
+    """With oneDNN off, PyTorch picks NNPACK (Winograd/FFT) for CPU convolutions of batch >= 16;
+    its error is tens of times the dot-product bound the sound rules charge. Sound bounds of a
+    wide-dynamic-range conv at batch 32 must contain the fp64 result, and no NNPACK/oneDNN
+    kernel may run inside a sound pass."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    scale = torch.logspace(-3, 3, 8)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    conv.weight.data = torch.randn(8, 8, 3, 3) * scale.view(1, 8, 1, 1)
+    model = nn.Sequential(conv)
+    for method, size in (("ibp", 12), ("crown", 3)):
+        x = torch.randn(32, 8, size, size) * scale.view(1, 8, 1, 1)
+        exact = nn.functional.conv2d(x.double(), conv.weight.double(), padding=1)
+        with profile() as prof:
+            lb, ub = compute_bounds(model, x, x_L=x, x_U=x, method=method, sound=True)
+        kernels = {e.key for e in prof.key_averages()}
+        assert not any("nnpack" in k or "mkldnn" in k for k in kernels), kernels
+        assert bool((lb.double() <= exact).all()) and bool((exact <= ub.double()).all()), method

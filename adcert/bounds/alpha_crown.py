@@ -1,10 +1,13 @@
-"""alpha-CROWN: optimised lower ReLU slopes for the final linear relaxation.
+"""alpha-CROWN: optimised relaxations of the activations for the final linear bound.
 
-Every ReLU ``k`` gets slopes ``alpha_k: [B, S, *shape_k]`` -- one per neuron AND per
+Every ReLU ``k`` gets lower slopes ``alpha_k: [B, S, *shape_k]`` -- one per neuron AND per
 specification row (each row, including the ``-C`` rows that give upper bounds, picks its own
-relaxation) -- initialised to CROWN's adaptive slopes, so iteration 0 is exactly CROWN. Adam
-maximises the sum of the lower bounds; slopes are clipped to ``[0, 1]`` after every step (any
-slope in ``[0, 1]`` gives a valid bound, so every iterate is sound). The best bound of every
+relaxation) -- initialised to CROWN's adaptive slopes, so iteration 0 is exactly CROWN; a
+Sigmoid/Tanh gets its tangent points the same way (``d = l + alpha (u - l)``, initialised to
+CROWN's chord-parallel tangent; see :mod:`adcert.bounds.layers.s_shaped`); max pooling keeps its
+fixed relaxation. Adam maximises the sum of the lower bounds; parameters are clipped to
+``[0, 1]`` after every step (any value in ``[0, 1]`` gives a valid bound, so every iterate is
+sound). The best bound of every
 ``(sample, row)`` over the iterations is kept ("keep-best"), with the slopes that produced it.
 
 beta-CROWN (option ``beta=True``, only meaningful with ``splits``): a domain of branch-and-bound

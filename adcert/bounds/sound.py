@@ -45,8 +45,9 @@ covers flush-to-zero):
 
 For the duration TF32 is off (``torch.backends.cuda.matmul.allow_tf32``,
 ``torch.backends.cudnn.allow_tf32``), the fp32 matmul precision is ``"highest"``, and cuDNN and
-oneDNN convolutions are disabled (their Winograd/FFT algorithms do not satisfy the dot-product
-error bound; the native im2col + GEMM path does); everything is restored afterwards. Only fp32
+oneDNN convolutions are disabled, and so is NNPACK (their Winograd/FFT algorithms do not satisfy
+the dot-product error bound; the native im2col + GEMM path does); everything is restored
+afterwards. Only fp32
 and fp64 are accepted. The result is detached (no gradients): it is a certificate, not a loss.
 """
 from __future__ import annotations
@@ -72,7 +73,10 @@ SOUND_DTYPES = (torch.float32, torch.float64)
 
 @contextlib.contextmanager
 def strict_float_mode():
-    """TF32 off, fp32 matmul precision "highest", cuDNN and oneDNN disabled; all restored."""
+    """TF32 off, fp32 matmul precision "highest", cuDNN, oneDNN and NNPACK disabled; all
+    restored. NNPACK (which PyTorch picks for CPU convolutions of batch >= 16 once oneDNN is off)
+    computes with Winograd/FFT transforms, whose error is not the dot-product bound
+    ``gamma_k |W| |x|`` that every rigorous rule here assumes."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -82,7 +86,8 @@ def strict_float_mode():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             with torch.backends.cudnn.flags(enabled=False, allow_tf32=False), \
-                    torch.backends.mkldnn.flags(enabled=False):
+                    torch.backends.mkldnn.flags(enabled=False), \
+                    torch.backends.nnpack.flags(enabled=False):
                 yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
