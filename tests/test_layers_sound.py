@@ -63,3 +63,70 @@ def test_s_shaped_sound_image_contains_fp64_values(fn):
     lo, hi = sound_image(fn, x, x)
     ref = fn.f(x.double())
     assert bool((lo.double() < ref).all()) and bool((ref < hi.double()).all())
+
+
+def test_affine_backward_rounding_error_is_charged():
+    """The sound backward step of a wide linear piece on a cancelling row: ``A W`` sums 4096
+    products of which almost everything cancels, so its rounding error (~ sqrt(k) u |A||W|)
+    dwarfs the result and the concretisation's own error term; the bound must still be below
+    the exact rational value on every row (dropping the step's error term fails this)."""
+    from adcert.bounds.backward import SoundHook, backward_lower
+    from adcert.bounds.crown_sound import sound_op_boxes
+    from adcert.bounds.layers.affine_piece import LinearPiece
+    from adcert.bounds.layers.base import Lowered
+
+    g = torch.Generator().manual_seed(0)
+    k, S = 4096, 24
+    W = torch.randn(k, 1, generator=g, dtype=F32)
+    A = torch.randn(1, S, k, generator=g, dtype=torch.float64)
+    # the last coefficient cancels the row's sum (in fp64), then everything is rounded to fp32
+    A[0, :, -1] = -(A[0, :, :-1] @ W[:-1, 0].double()) / W[-1, 0].double()
+    A = A.to(F32)
+    h = torch.tensor([[0.7]], dtype=F32)
+    piece = LinearPiece(W, None)
+    piece.srcs, piece.in_shape, piece.out_shape = (-1,), (1,), (k,)
+    low = Lowered([piece], [], (1,))
+    lb = backward_lower(low, 1, A, h, torch.zeros_like(h), [],
+                        hook=SoundHook(sound_op_boxes(low, h, h)))
+    wq = [Fraction(v) for v in W[:, 0].tolist()]
+    hq = Fraction(h.item())
+    for s in range(S):
+        exact = sum(Fraction(a) * w for a, w in zip(A[0, s].tolist(), wq)) * hq
+        assert Fraction(lb[0, s].item()) <= exact, s
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d"])
+def test_strict_mode_convolutions_meet_the_dot_product_error_bound(kind, batch):
+    """The error model of the kernels sound mode runs (oneDNN's direct convolutions and
+    deconvolutions, or the native ones): every output within ``gamma_k |W| |x|`` of the exact
+    value, on adversarial data -- wide (k = 64 * 9 terms), weights and inputs spanning 1e-4..1e4,
+    rows cancelling. The reference is fp64 (products of fp32 numbers are exact there; its own
+    summation error, ``gamma_k`` of fp64, is added to the allowance)."""
+    import torch.nn.functional as F
+
+    from adcert.bounds.sound import strict_float_mode
+    from adcert.ops._rounding import gamma
+
+    g = torch.Generator().manual_seed(batch)
+    cin, cout = 64, 48
+    scale = torch.logspace(-4, 4, cin).view(1, cin, 1, 1)
+    if kind == "conv2d":
+        w = torch.randn(cout, cin, 3, 3, generator=g) * scale
+        w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+        x = torch.randn(batch, cin, 10, 10, generator=g) * scale
+        k = cin * 9
+        run = lambda a, b: F.conv2d(a, b, padding=1)  # noqa: E731
+    else:
+        w = torch.randn(cin, cout, 3, 3, generator=g) * scale.view(cin, 1, 1, 1)
+        w = w - w.mean(dim=0, keepdim=True)
+        x = torch.randn(batch, cin, 10, 10, generator=g) * scale
+        k = cin * 9
+        run = lambda a, b: F.conv_transpose2d(a, b, padding=1)  # noqa: E731
+    with strict_float_mode():
+        got = run(x, w)
+    ref = run(x.double(), w.double())
+    size = run(x.abs().double(), w.abs().double())
+    allowed = (gamma(k, torch.float32) + gamma(k, torch.float64)) * size \
+        + k * torch.finfo(torch.float32).tiny
+    assert bool(((got.double() - ref).abs() <= allowed).all())

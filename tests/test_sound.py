@@ -233,8 +233,8 @@ def test_gamma_and_directed_rounding_helpers():
 def test_sound_convolutions_never_use_winograd_backends():
     """With oneDNN off, PyTorch picks NNPACK (Winograd/FFT) for CPU convolutions of batch >= 16;
     its error is tens of times the dot-product bound the sound rules charge. Sound bounds of a
-    wide-dynamic-range conv at batch 32 must contain the fp64 result, and no NNPACK/oneDNN
-    kernel may run inside a sound pass."""
+    wide-dynamic-range conv at batch 32 must contain the fp64 result, and no NNPACK kernel may
+    run inside a sound pass (oneDNN's direct kernels may)."""
     from torch.profiler import profile
 
     torch.manual_seed(0)
@@ -248,5 +248,34 @@ def test_sound_convolutions_never_use_winograd_backends():
         with profile() as prof:
             lb, ub = compute_bounds(model, x, x_L=x, x_U=x, method=method, sound=True)
         kernels = {e.key for e in prof.key_averages()}
-        assert not any("nnpack" in k or "mkldnn" in k for k in kernels), kernels
+        assert not any("nnpack" in k for k in kernels), kernels
         assert bool((lb.double() <= exact).all()) and bool((exact <= ub.double()).all()), method
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_sound_crown_fp32_contains_fp64_on_cancelling_wide_layers(method):
+    """oneDNN's kernels stay on in sound mode: its error must be within the charged bound on
+    adversarial layers -- wide (many terms), cancelling (weights of both signs summing to ~0),
+    with tiny and huge weights mixed -- at batch 1 and 16 (a different kernel path)."""
+    torch.manual_seed(3)
+    c1 = nn.Conv2d(4, 32, 3, padding=1)
+    c2 = nn.Conv2d(32, 32, 3, padding=1)
+    with torch.no_grad():
+        for c in (c1, c2):
+            w = torch.randn_like(c.weight) * torch.logspace(-4, 4, c.weight.shape[1]).view(1, -1, 1, 1)
+            c.weight.copy_(w - w.mean(dim=(1, 2, 3), keepdim=True))  # rows sum to ~0
+    model = nn.Sequential(c1, nn.ReLU(), c2, nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 6))
+    opts = {"iterations": 2} if method == "alpha-crown" else {}
+    for batch in (1, 16):
+        x = torch.rand(batch, 4, 4, 4)
+        lb, ub = compute_bounds(model, x, 1e-4, method=method, sound=True, **opts)
+        lo64, hi64 = compute_bounds(model.double(), x.double(), 1e-4, method=method, **opts)
+        model.float()
+        pts = x.double().unsqueeze(0) + 1e-4 * (2 * torch.rand(64, *x.shape,
+                                                               dtype=torch.float64) - 1)
+        outs = torch.stack([model.double()(p.clamp(0, 1)) for p in pts]).detach()
+        model.float()
+        assert bool((lb.double() <= outs).all()) and bool((outs <= ub.double()).all())
+        # the fp64 bound of the same relaxation is (almost) the exact one: fp32 sound contains it
+        assert bool((lb.double() <= lo64 + 1e-9 * lo64.abs()).all())
+        assert bool((ub.double() >= hi64 - 1e-9 * hi64.abs()).all())

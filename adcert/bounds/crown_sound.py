@@ -38,9 +38,11 @@ every update of the running constant is rounded down with ``nextafter(., -inf)``
   reshapes): see each one's module in :mod:`adcert.bounds.layers`.
 * Concretisation over the input box: ``fl(A+ . L + A- . U) - gamma_{n+1} |A| . max(|L|, |U|)``.
 
-TF32 (CUDA matmul and cuDNN), reduced-precision fp32 matmul and oneDNN (mkldnn, which may use
-Winograd convolutions) are disabled while a sound bound is computed; the remaining kernels sum
-products in some order, which ``gamma_k`` covers. Only float32 and float64 are accepted.
+The kernels run under :func:`adcert.bounds.sound.strict_float_mode` (no TF32, no Winograd/FFT
+convolutions, oneDNN's direct kernels in IEEE fp32): each sums products in some order, which
+``gamma_k`` covers. The error term of an affine step is computed by the forward association
+``(|A||W|) . m_h = |A| . (|W| m_h)``: one forward product of the box magnitude per piece (batch
+``B``), reused by every specification row, instead of a second transposed product per row. Only float32 and float64 are accepted.
 alpha-CROWN optimises its slopes (and, with ``beta``, its split multipliers) without the error
 terms, then evaluates the best ones soundly.
 The sound result is detached from the parameters for every method (certification only).

@@ -43,12 +43,13 @@ covers flush-to-zero):
   weight-error tensor ``gamma_2 |W_spec| + eps_w (|W_y| + |W_i|)``; without a final linear,
   ``down(L_y - U_i)``. The ``y`` entry is exactly 0.
 
-For the duration TF32 is off (``torch.backends.cuda.matmul.allow_tf32``,
-``torch.backends.cudnn.allow_tf32``), the fp32 matmul precision is ``"highest"``, and cuDNN and
-oneDNN convolutions are disabled, and so is NNPACK (their Winograd/FFT algorithms do not satisfy
-the dot-product error bound; the native im2col + GEMM path does); everything is restored
-afterwards. Only fp32
-and fp64 are accepted. The result is detached (no gradients): it is a certificate, not a loss.
+For the duration (:func:`strict_float_mode`) every kernel used sums the products of a dot
+product in SOME order, with or without fused multiply-adds, which is what ``gamma_k`` covers:
+TF32 is off (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``),
+the fp32 matmul precision is ``"highest"``, cuDNN and NNPACK are disabled (Winograd/FFT
+transforms: NNPACK's error reached 42x the bound in a test), and oneDNN runs in IEEE fp32
+(``fp32_precision="ieee"``: no implicit bf16/TF32 down-conversion); everything is restored
+afterwards. Only fp32 and fp64 are accepted. The result is detached (no gradients): it is a certificate, not a loss.
 """
 from __future__ import annotations
 
@@ -73,25 +74,51 @@ SOUND_DTYPES = (torch.float32, torch.float64)
 
 @contextlib.contextmanager
 def strict_float_mode():
-    """TF32 off, fp32 matmul precision "highest", cuDNN, oneDNN and NNPACK disabled; all
-    restored. NNPACK (which PyTorch picks for CPU convolutions of batch >= 16 once oneDNN is off)
-    computes with Winograd/FFT transforms, whose error is not the dot-product bound
-    ``gamma_k |W| |x|`` that every rigorous rule here assumes."""
+    """Kernels whose every output is a dot product summed in some order, nothing else: TF32
+    off, fp32 matmul precision "highest", cuDNN and NNPACK disabled, oneDNN in IEEE fp32; all
+    restored afterwards.
+
+    Why each: NNPACK (picked for CPU convolutions of batch >= 16 when oneDNN declines) and cuDNN
+    may use Winograd/FFT transforms, whose error is not the dot-product bound
+    ``gamma_k |W| |x|`` the rigorous rules charge. oneDNN stays: PyTorch creates its
+    convolution and deconvolution primitives with the DIRECT algorithm (ideep's default,
+    ``convolution_direct`` / ``deconvolution_direct``; oneDNN's Winograd kernels are only
+    selected for the winograd/auto algorithms), which accumulates the products in fp32 (FMA or
+    not) -- within the bound -- once ``fp32_precision`` is ``"ieee"`` (no implicit bf16/TF32
+    down-conversion). Underflow: flush-to-zero loses less than ``tiny`` per operation, which
+    every rule adds; denormal inputs are assumed not flushed (PyTorch's default; the check
+    below turns ``torch.set_flush_denormal`` off for the call if it was on)."""
+    mk = torch.backends.mkldnn
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
+             torch.get_float32_matmul_precision(), mk.conv.fp32_precision,
+             mk.matmul.fp32_precision)
+    flushing = _denormals_flushed()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
+            mk.conv.fp32_precision = "ieee"
+            mk.matmul.fp32_precision = "ieee"
+            if flushing:
+                torch.set_flush_denormal(False)
             with torch.backends.cudnn.flags(enabled=False, allow_tf32=False), \
-                    torch.backends.mkldnn.flags(enabled=False), \
+                    mk.flags(enabled=mk.enabled, allow_tf32=False), \
                     torch.backends.nnpack.flags(enabled=False):
                 yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
+        mk.conv.fp32_precision, mk.matmul.fp32_precision = saved[3:]
+        if flushing:
+            torch.set_flush_denormal(True)
+
+
+def _denormals_flushed() -> bool:
+    """Whether this thread flushes denormals (``torch.set_flush_denormal(True)``)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return bool(torch.tensor(tiny, dtype=torch.float32) / 4 == 0)
 
 
 def check_sound_dtype(dtype: torch.dtype) -> None:

@@ -142,19 +142,22 @@ class ReluPiece(Piece):
         A_new = A.clamp(min=0) * lo_slope + neg * slope.unsqueeze(1)
         terms = neg * icpt.unsqueeze(1)
         A_beta = None if beta is None else A_new - beta
-        return Back((A_new if A_beta is None else A_beta,), feature_sum(terms), (A_new, terms, A_beta))
+        return Back((A_new if A_beta is None else A_beta,), feature_sum(terms), (A_new, A_beta))
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
         dtype = A.dtype
         tiny = torch.finfo(dtype).tiny
-        A_new, terms, A_beta = back.aux
+        A_new, A_beta = back.aux
         lo, up = walk.boxes[self.act_index]
-        m_h = torch.maximum(lo.abs(), up.abs()).unsqueeze(1)
+        m_h = torch.maximum(lo.abs(), up.abs()).flatten(1)
         n = math.prod(self.out_shape)
-        err = 2 * (gamma(2, dtype) * feature_sum(A_new.abs() * m_h)
-                   + gamma(n + 1, dtype) * feature_sum(terms.abs())) + 2 * n * tiny
+        # the constant's terms are all <= 0 (negative coefficients times intercepts >= 0), so
+        # the sum of their magnitudes is -const
+        err = 2 * (gamma(2, dtype) * torch.einsum("bsn,bn->bs", A_new.abs().flatten(2), m_h)
+                   - gamma(n + 1, dtype) * back.const) + 2 * n * tiny
         if A_beta is not None:  # one rounding per entry: |E| <= gamma_1 |T|
-            err = err + 2 * gamma(1, dtype) * feature_sum(A_beta.abs() * m_h) + 2 * n * tiny
+            err = err + 2 * gamma(1, dtype) * torch.einsum(
+                "bsn,bn->bs", A_beta.abs().flatten(2), m_h) + 2 * n * tiny
         return err
 
 
