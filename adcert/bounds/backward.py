@@ -24,6 +24,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from adcert.bounds.layers.base import Box, Lowered, Walk
+from adcert.bounds.patches import Patches
 from adcert.ops._rounding import down, gamma
 
 Tensor = torch.Tensor
@@ -37,9 +38,22 @@ def concretize_lower(A: Tensor, mu: Tensor, r: Tensor) -> Tensor:
             - torch.einsum("bsk,bk->bs", Af.abs(), r.flatten(1)))
 
 
-def sound_concretize(A: Tensor, L: Tensor, U: Tensor) -> Tensor:
+def concretize_patches(A: Patches, mu: Tensor, r: Tensor) -> Tensor:
+    """:func:`concretize_lower` for receptive-field coefficients."""
+    return (A.data * A.gather(mu) - A.data.abs() * A.gather(r)).flatten(2).sum(-1)
+
+
+def sound_concretize(A, L: Tensor, U: Tensor) -> Tensor:
     """A rigorous lower bound ``[B, S]`` of ``A . x`` over ``L <= x <= U``:
-    ``fl(A+ . L + A- . U) - gamma_{2n+1} |A| . max(|L|, |U|)`` (doubled, plus underflow)."""
+    ``fl(A+ . L + A- . U) - gamma_{2n+1} |A| . max(|L|, |U|)`` (doubled, plus underflow);
+    ``A`` dense or :class:`~adcert.bounds.patches.Patches` (``n`` = entries per row)."""
+    if isinstance(A, Patches):
+        d = A.data
+        val = (d.clamp(min=0) * A.gather(L) + d.clamp(max=0) * A.gather(U)).flatten(2).sum(-1)
+        m = torch.maximum(A.gather(L).abs(), A.gather(U).abs())
+        n = math.prod(d.shape[2:])
+        err = 2 * gamma(2 * n + 1, d.dtype) * (d.abs() * m).flatten(2).sum(-1)
+        return down(down(val) - (err + n * torch.finfo(d.dtype).tiny))
     Af = A.flatten(2)
     val = (torch.einsum("bsk,bk->bs", Af.clamp(min=0), L.flatten(1))
            + torch.einsum("bsk,bk->bs", Af.clamp(max=0), U.flatten(1)))
@@ -67,7 +81,7 @@ class SoundHook:
         return (2 * gamma(1, total.dtype) * (total.abs() * self.magnitude(j)).flatten(2).sum(-1)
                 + 2 * n * torch.finfo(total.dtype).tiny)
 
-    def concretize(self, A: Tensor) -> Tensor:
+    def concretize(self, A) -> Tensor:
         return sound_concretize(A, *self.out_boxes[-1])
 
 
@@ -91,7 +105,7 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
     heuristics). ``hook``: ``None`` (exact arithmetic) or a :class:`SoundHook` (then ``mu, r``
     are unused: the input box is the hook's)."""
     walk = Walk(relu_box, alphas, betas, relu_coefs, hook)
-    const = A.new_zeros(A.shape[:2])
+    const = (A.data if isinstance(A, Patches) else A).new_zeros(A.shape[:2])
     pending = {end - 1: A}  # piece index -> coefficients on that piece's output
 
     def accumulate(j: int, A_new: Tensor) -> None:
@@ -99,7 +113,7 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
         if j not in pending:
             pending[j] = A_new
             return
-        total = pending[j] + A_new
+        total = _dense(pending[j]) + _dense(A_new)
         if hook is not None:
             const = down(const - hook.fork_error(total, j))
         pending[j] = total
@@ -109,6 +123,8 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
         if A is None:  # a piece the bounded value does not depend on
             continue
         op = low.ops[i]
+        if isinstance(A, Patches) and not op.takes_patches(walk):
+            A = A.to_dense()
         back = op.backward(A, walk)
         if hook is None:
             if back.const is not None:
@@ -125,5 +141,11 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
     if A is None:  # the bounded value does not depend on the input
         return const
     if hook is None:
+        if isinstance(A, Patches):
+            return concretize_patches(A, mu, r) + const
         return concretize_lower(A, mu, r) + const
     return down(hook.concretize(A) + const)
+
+
+def _dense(A):
+    return A.to_dense() if isinstance(A, Patches) else A

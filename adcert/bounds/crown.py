@@ -58,13 +58,14 @@ from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import check_y_range
 from adcert.bounds.linear_relax import Lowered, backward_lower, lower_plan
 from adcert.bounds.sound import strict_float_mode
+from adcert.bounds.patches import unit_patches
 from adcert.bounds.spec import margin_spec, zero_label_entry
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
 
 COMMON_OPTIONS = ("splits",)
-CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements",)
+CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements", "patches")
 ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol", "beta",
                                  "lr_beta", "init_alphas", "init_betas", "alpha_out")
 DEFAULT_MAX_SPEC_ELEMENTS = {"cpu": 2 ** 21, "other": 2 ** 25}  # by device type
@@ -190,10 +191,14 @@ def unstable_order(lo: Tensor, up: Tensor, loose: Optional[Tensor] = None
 
 
 def neuron_bounds(low: Lowered, end: int, idx: Tensor, shape, mu: Tensor, r: Tensor,
-                  boxes: List[Box], backward=backward_lower) -> Box:
+                  boxes: List[Box], backward=backward_lower, patches: bool = False) -> Box:
     """CROWN lower and upper bounds ``[B, n]`` of the neurons ``idx: [B, n]`` (flat indices into
-    one sample's ``shape``) of the output of ``low.ops[end - 1]``."""
+    one sample's ``shape``) of the output of ``low.ops[end - 1]``. ``patches``: start from
+    receptive-field rows (:mod:`adcert.bounds.patches`; ``shape`` must be ``(C, H, W)``)."""
     B, n = idx.shape
+    if patches:
+        lb = backward(low, end, unit_patches(idx, tuple(shape), mu.dtype), mu, r, boxes)
+        return lb[:, :n], -lb[:, n:]
     A = torch.zeros((B, n, math.prod(shape)), dtype=mu.dtype, device=mu.device)
     A.scatter_(2, idx.unsqueeze(2), 1.0)
     A = A.reshape((B, n) + tuple(shape))
@@ -203,9 +208,11 @@ def neuron_bounds(low: Lowered, end: int, idx: Tensor, shape, mu: Tensor, r: Ten
 
 def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box],
                        splits: Optional[Dict[int, Tensor]], max_elems: int,
-                       backward=backward_lower) -> List[Box]:
-    """Every ReLU's input bounds: IBP's, tightened by CROWN on the unstable neurons (and split
-    clamps). ``backward``: the back-substitution to use (the sound mode passes its own)."""
+                       backward=backward_lower, patches: bool = True) -> List[Box]:
+    """Every activation's input bounds: IBP's, tightened by CROWN on the loose neurons (and split
+    clamps). ``backward``: the back-substitution to use (the sound mode passes its own);
+    ``patches``: rows of convolutional layers start as receptive-field windows (the walk turns
+    them dense wherever a piece needs it)."""
     boxes: List[Box] = []
     B = mu.shape[0]
     for k, at in enumerate(low.relu_at):
@@ -221,9 +228,11 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
                                                                        (o.in_shape,))])
             chunk = max(1, max_elems // max(1, 2 * B * widest))
             lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
+            windows = patches and len(shape) == 3
             for s in range(0, n_max, chunk):
                 part = idx[:, s:s + chunk]
-                c_lo, c_up = neuron_bounds(low, end, part, shape, mu, r, boxes, backward)
+                c_lo, c_up = neuron_bounds(low, end, part, shape, mu, r, boxes, backward,
+                                           windows)
                 lo_f.scatter_(1, part, torch.maximum(lo_f.gather(1, part), c_lo))
                 up_f.scatter_(1, part, torch.minimum(up_f.gather(1, part), c_up))
             box = apply_split((lo_f.reshape(lo.shape), up_f.reshape(up.shape)),
@@ -249,6 +258,9 @@ def parse_options(method: str, options, known, device="cpu") -> dict:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"max_spec_elements: expected a positive int, got {m!r}")
     out["max_spec_elements"] = m
+    if not isinstance(out.get("patches", True), bool):
+        raise ValueError(f"patches: expected a bool, got {out['patches']!r}")
+    out["patches"] = out.get("patches", True)
     return out
 
 
@@ -276,7 +288,8 @@ def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
             boxes = [apply_split(b, None if splits is None else splits.get(k))
                      for k, b in enumerate(ibp_boxes)]
         else:
-            boxes = crown_intermediate(low, mu, r, ibp_boxes, splits, opts["max_spec_elements"])
+            boxes = crown_intermediate(low, mu, r, ibp_boxes, splits, opts["max_spec_elements"],
+                                       patches=opts["patches"])
         end = len(low.ops)
         if method == "alpha-crown":
             lb, _ = optimize_alpha(low, end, spec, mu, r, boxes, opts)
@@ -311,7 +324,7 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
                      for k, b in enumerate(ibp_relu)]
         else:
             boxes = crown_intermediate(low, mu, r, ibp_relu, splits,
-                                       opts["max_spec_elements"], backward)
+                                       opts["max_spec_elements"], backward, opts["patches"])
         end = len(low.ops)
         alphas = betas = None
         if method == "alpha-crown":

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from adcert.bounds.layers.base import Back, Box, Piece, Tensor, Walk, feature_sum
+from adcert.bounds.patches import Patches
 from adcert.ops._rounding import down, gamma, up
 
 
@@ -58,7 +59,12 @@ class AffinePiece(Piece):
 
     # -- back-substitution -------------------------------------------------------------
     def backward(self, A: Tensor, walk: Walk) -> Back:
+        if isinstance(A, Patches):
+            return self.backward_patches(A)
         return Back((self.apply_transpose(A),), self.bias_term(A))
+
+    def backward_patches(self, A: Patches) -> Back:
+        raise NotImplementedError
 
     def error_weights(self, walk: Walk) -> Tensor:
         """``Q = 2 gamma_k |W| m_h + 2 gamma_n |b|``: ``[B, *out_shape]``, so that a backward step's
@@ -88,7 +94,11 @@ class AffinePiece(Piece):
         factor 2 covers; plus underflow."""
         tiny = torch.finfo(A.dtype).tiny
         q = self.error_weights(walk)
-        err = torch.einsum("bsn,bn->bs", A.abs().flatten(2), q.flatten(1).expand(A.shape[0], -1))
+        if isinstance(A, Patches):
+            err = (A.data.abs() * A.gather(q)).flatten(2).sum(-1)
+        else:
+            err = torch.einsum("bsn,bn->bs", A.abs().flatten(2),
+                               q.flatten(1).expand(A.shape[0], -1))
         return err + 2 * (math.prod(self.in_shape) + 2 * math.prod(self.out_shape)) * tiny
 
     # -- rigorous box ------------------------------------------------------------------
@@ -167,6 +177,22 @@ class ConvPiece(ChannelBias, AffinePiece):
                         self.bias if bias else None, self.stride, self.padding, self.dilation,
                         self.groups)
 
+    def takes_patches(self, walk: Walk) -> bool:
+        return self.groups == 1
+
+    def backward_patches(self, A: Patches) -> Back:
+        """The transposed convolution of every row's window (no padding: the window grows by
+        the kernel's reach, its corner moves to ``top * stride - padding``), masked to the
+        input map; the bias term sums each row's (masked) window per channel."""
+        B, S, C, ph, pw = A.data.shape
+        back = F.conv_transpose2d(A.data.reshape(B * S, C, ph, pw), self.weight, None,
+                                  self.stride, 0, 0, 1, self.dilation)
+        out = Patches(back.reshape((B, S) + tuple(back.shape[1:])),
+                      A.top * self.stride[0] - self.padding[0],
+                      A.left * self.stride[1] - self.padding[1], self.in_shape).masked()
+        const = None if self.bias is None else A.channel_sums().matmul(self.bias)
+        return Back((out.to_dense() if out.covers_map() else out,), const)
+
     def apply_transpose(self, A, weight=None):
         w = self.weight if weight is None else weight
         lead = A.shape[:2]
@@ -193,6 +219,14 @@ class ChannelPiece(ChannelBias, AffinePiece):
     def apply_transpose(self, A, weight=None):
         w = self.weight if weight is None else weight
         return A * w.reshape((1, 1, -1) + (1,) * (A.dim() - 3))
+
+    def takes_patches(self, walk: Walk) -> bool:
+        return len(self.in_shape) == 3
+
+    def backward_patches(self, A: Patches) -> Back:
+        out = A.with_data(A.data * self.weight.reshape(1, 1, -1, 1, 1))
+        const = None if self.bias is None else A.channel_sums().matmul(self.bias)
+        return Back((out,), const)
 
 
 class ElementwisePiece(AffinePiece):

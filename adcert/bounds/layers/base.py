@@ -141,8 +141,15 @@ class Piece:
 
     def backward(self, A: Tensor, walk: "Walk") -> Back:
         """``A . out >= sum_j As[j] . src_j + const`` for every point of the boxes
-        (``A: [B, S, *out_shape]``)."""
+        (``A: [B, S, *out_shape]``, or :class:`~adcert.bounds.patches.Patches` where
+        :meth:`takes_patches` says so)."""
         raise NotImplementedError
+
+    def takes_patches(self, walk: "Walk") -> bool:
+        """Whether :meth:`backward` (and :meth:`rounding_error`) accept receptive-field
+        coefficients (:class:`~adcert.bounds.patches.Patches`) in this walk; else the walk
+        hands it dense ones."""
+        return False
 
     def sound_box(self, boxes: Sequence[Box]) -> Box:
         """A rigorous box of the output from rigorous boxes of the sources (end points)."""

@@ -29,6 +29,7 @@ from adcert import ops
 from adcert.bounds.registry import register_call
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, Tensor, \
     Walk, feature_sum
+from adcert.bounds.patches import Patches
 from adcert.ops._rounding import gamma, unit_roundoff
 
 
@@ -116,6 +117,11 @@ class ReluPiece(Piece):
     def loose(self, lower, upper):
         return (lower < 0) & (upper > 0)
 
+    def takes_patches(self, walk: Walk) -> bool:
+        k = self.act_index
+        return walk.relu_coefs is None and (walk.alphas is None or k not in walk.alphas) and \
+            (walk.betas is None or k not in walk.betas)
+
     def backward(self, A: Tensor, walk: Walk) -> Back:
         k = self.act_index
         lo, up = walk.boxes[k]
@@ -123,41 +129,48 @@ class ReluPiece(Piece):
             walk.relu_coefs[k] = A
         alpha = None if walk.alphas is None else walk.alphas.get(k)
         beta = None if walk.betas is None else walk.betas.get(k)
-        if not walk.sound:
+        patches = isinstance(A, Patches)
+        if not walk.sound and not patches:
             A_new, c, _ = relu_backward(A, lo, up, alpha)
             if beta is not None:
                 A_new = A_new - beta
             return Back((A_new,), c)
-        # sound: chord rounded up, error terms in rounding_error
-        dtype = A.dtype
-        u_r = unit_roundoff(dtype)
-        active, unstable, slope, icpt = relu_lines(lo, up)
-        slope = torch.where(unstable, slope * (1 + 4 * u_r), slope)
-        icpt = torch.where(unstable, (-lo * slope) * (1 + 4 * u_r), icpt)
+        # per-row input boxes: the window's (patches) or the whole map's, broadcast over rows
+        data = A.data if patches else A
+        lo1, up1 = (A.gather(lo), A.gather(up)) if patches else (lo.unsqueeze(1), up.unsqueeze(1))
+        dtype = data.dtype
+        active, unstable, slope, icpt = relu_lines(lo1, up1)
+        if walk.sound:  # the chord rounded up; error terms in rounding_error
+            u_r = unit_roundoff(dtype)
+            slope = torch.where(unstable, slope * (1 + 4 * u_r), slope)
+            icpt = torch.where(unstable, (-lo1 * slope) * (1 + 4 * u_r), icpt)
         if alpha is None:
-            alpha = (up >= -lo).to(dtype).unsqueeze(1)
-        lo_slope = torch.where(unstable.unsqueeze(1), alpha.clamp(0, 1),
-                               active.unsqueeze(1).to(dtype))
-        neg = A.clamp(max=0)
-        A_new = A.clamp(min=0) * lo_slope + neg * slope.unsqueeze(1)
-        terms = neg * icpt.unsqueeze(1)
+            alpha = adaptive_alpha(lo1, up1)
+        lo_slope = torch.where(unstable, alpha.clamp(0, 1), active.to(dtype))
+        neg = data.clamp(max=0)
+        A_new = data.clamp(min=0) * lo_slope + neg * slope
+        const = feature_sum(neg * icpt)
         A_beta = None if beta is None else A_new - beta
-        return Back((A_new if A_beta is None else A_beta,), feature_sum(terms), (A_new, A_beta))
+        out = A_new if A_beta is None else A_beta
+        aux = (A_new, A_beta, torch.maximum(lo1.abs(), up1.abs())) if walk.sound else None
+        return Back((A.with_data(out) if patches else out,), const, aux)
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
-        dtype = A.dtype
+        """``2 gamma_2 |A'| . m_z + 2 gamma_{n+1} |c terms| (+ 2 gamma_1 |A' - beta| . m_z)``
+        plus underflow; the constant's terms are all <= 0 (negative coefficients times
+        intercepts >= 0), so the sum of their magnitudes is ``-const``."""
+        dtype = back.const.dtype
         tiny = torch.finfo(dtype).tiny
-        A_new, A_beta = back.aux
-        lo, up = walk.boxes[self.act_index]
-        m_h = torch.maximum(lo.abs(), up.abs()).flatten(1)
+        A_new, A_beta, m_z = back.aux
         n = math.prod(self.out_shape)
-        # the constant's terms are all <= 0 (negative coefficients times intercepts >= 0), so
-        # the sum of their magnitudes is -const
-        err = 2 * (gamma(2, dtype) * torch.einsum("bsn,bn->bs", A_new.abs().flatten(2), m_h)
-                   - gamma(n + 1, dtype) * back.const) + 2 * n * tiny
+
+        def weighted(t: Tensor) -> Tensor:
+            return (t.abs() * m_z).flatten(2).sum(-1)
+
+        err = 2 * (gamma(2, dtype) * weighted(A_new) - gamma(n + 1, dtype) * back.const) \
+            + 2 * n * tiny
         if A_beta is not None:  # one rounding per entry: |E| <= gamma_1 |T|
-            err = err + 2 * gamma(1, dtype) * torch.einsum(
-                "bsn,bn->bs", A_beta.abs().flatten(2), m_h) + 2 * n * tiny
+            err = err + 2 * gamma(1, dtype) * weighted(A_beta) + 2 * n * tiny
         return err
 
 
