@@ -58,6 +58,8 @@ from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import check_y_range
 from adcert.bounds.linear_relax import Lowered, backward_lower, lower_plan
 from adcert.bounds.sound import strict_float_mode
+from adcert.bounds.layers.affine_piece import ChannelPiece, ConvPiece
+from adcert.bounds.layers.relu import ReluPiece
 from adcert.bounds.patches import unit_patches
 from adcert.bounds.spec import margin_spec, zero_label_entry
 
@@ -206,6 +208,33 @@ def neuron_bounds(low: Lowered, end: int, idx: Tensor, shape, mu: Tensor, r: Ten
     return lb[:, :n], -lb[:, n:]
 
 
+def row_size(low: Lowered, at: int, windows: bool) -> int:
+    """The most entries one row holds on its way back from piece ``at`` to the input: the
+    largest input of a piece (dense rows), or, with receptive-field ``windows``, the largest
+    window until the walk turns dense (at a piece that cannot take windows, or a window as
+    large as its map), then the largest dense input below."""
+    def dense_below(i: int) -> int:  # pieces 0..i and the network input
+        return max([math.prod(low.in_shape)] + [math.prod(s) for o in low.ops[:i + 1]
+                                                for s in getattr(o, "in_shapes", (o.in_shape,))])
+
+    if not windows:
+        return dense_below(at - 1)
+    biggest, ph, pw = 1, 1, 1
+    for i in range(at - 1, -1, -1):
+        op = low.ops[i]
+        conv = isinstance(op, ConvPiece) and op.groups == 1
+        if not (conv or (len(op.in_shape) == 3 and isinstance(op, (ChannelPiece, ReluPiece)))):
+            return max(biggest, dense_below(i))
+        if conv:
+            kh, kw = op.weight.shape[2:]
+            ph = (ph - 1) * op.stride[0] + op.dilation[0] * (kh - 1) + 1
+            pw = (pw - 1) * op.stride[1] + op.dilation[1] * (kw - 1) + 1
+            if ph >= op.in_shape[1] and pw >= op.in_shape[2]:
+                return max(biggest, dense_below(i))
+        biggest = max(biggest, op.in_shape[0] * ph * pw)
+    return biggest
+
+
 def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box],
                        splits: Optional[Dict[int, Tensor]], max_elems: int,
                        backward=backward_lower, patches: bool = True) -> List[Box]:
@@ -222,13 +251,11 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
             lo, up = box
             shape = low.ops[at].in_shape
             idx, n_max = unstable_order(lo, up, low.ops[at].loose(lo, up))
+            windows = patches and len(shape) == 3
             # the largest coefficient tensor of the walk: A at some piece's input
-            widest = max([math.prod(low.in_shape)] + [math.prod(s) for o in low.ops[:at]
-                                                      for s in getattr(o, "in_shapes",
-                                                                       (o.in_shape,))])
+            widest = row_size(low, at, windows)
             chunk = max(1, max_elems // max(1, 2 * B * widest))
             lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
-            windows = patches and len(shape) == 3
             for s in range(0, n_max, chunk):
                 part = idx[:, s:s + chunk]
                 c_lo, c_up = neuron_bounds(low, end, part, shape, mu, r, boxes, backward,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple  # noqa: F401
 
 import torch
 from torch import nn
@@ -135,25 +135,43 @@ class ReluPiece(Piece):
             if beta is not None:
                 A_new = A_new - beta
             return Back((A_new,), c)
-        # per-row input boxes: the window's (patches) or the whole map's, broadcast over rows
-        data = A.data if patches else A
-        lo1, up1 = (A.gather(lo), A.gather(up)) if patches else (lo.unsqueeze(1), up.unsqueeze(1))
-        dtype = data.dtype
-        active, unstable, slope, icpt = relu_lines(lo1, up1)
-        if walk.sound:  # the chord rounded up; error terms in rounding_error
-            u_r = unit_roundoff(dtype)
-            slope = torch.where(unstable, slope * (1 + 4 * u_r), slope)
-            icpt = torch.where(unstable, (-lo1 * slope) * (1 + 4 * u_r), icpt)
-        if alpha is None:
-            alpha = adaptive_alpha(lo1, up1)
-        lo_slope = torch.where(unstable, alpha.clamp(0, 1), active.to(dtype))
+        # the relaxation's lines on the map, then per row: the window's (patches) or the whole
+        # map's, broadcast over the rows
+        lines = self.lines(lo, up, walk.sound, alpha)
+        if patches:
+            C = lo.shape[1]
+            lo_slope, slope, icpt, m_z = A.gather(torch.cat(lines, 1)).split(C, dim=2)
+            data = A.data
+        else:
+            lo_slope, slope, icpt, m_z = (t.unsqueeze(1) for t in lines)
+            data = A
+            if alpha is not None:
+                lo_slope = torch.where(self._unstable.unsqueeze(1), alpha.clamp(0, 1), lo_slope)
         neg = data.clamp(max=0)
         A_new = data.clamp(min=0) * lo_slope + neg * slope
         const = feature_sum(neg * icpt)
         A_beta = None if beta is None else A_new - beta
         out = A_new if A_beta is None else A_beta
-        aux = (A_new, A_beta, torch.maximum(lo1.abs(), up1.abs())) if walk.sound else None
+        aux = (A_new, A_beta, m_z) if walk.sound else None
         return Back((A.with_data(out) if patches else out,), const, aux)
+
+    def lines(self, lo: Tensor, up: Tensor, sound: bool, alpha) -> Tuple[Tensor, ...]:
+        """``(lower slope, upper slope, upper intercept, max(|l|, |u|))`` on the map
+        ``[B, *shape]`` (CROWN's adaptive lower slope; sound: the chord rounded up). Memoised
+        for the boxes they were computed from (a walk's row chunks reuse them)."""
+        memo = getattr(self, "_lines", None)
+        if memo is not None and memo[0] is lo and memo[1] is up and memo[2] == sound:
+            return memo[3]
+        active, unstable, slope, icpt = relu_lines(lo, up)
+        if sound:  # any larger slope through (l, 0) and larger intercept is still an upper line
+            u_r = unit_roundoff(lo.dtype)
+            slope = torch.where(unstable, slope * (1 + 4 * u_r), slope)
+            icpt = torch.where(unstable, (-lo * slope) * (1 + 4 * u_r), icpt)
+        lo_slope = torch.where(unstable, adaptive_alpha(lo, up), active.to(lo.dtype))
+        out = (lo_slope, slope, icpt, torch.maximum(lo.abs(), up.abs()))
+        self._unstable = unstable
+        self._lines = (lo, up, sound, out)
+        return out
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
         """``2 gamma_2 |A'| . m_z + 2 gamma_{n+1} |c terms| (+ 2 gamma_1 |A' - beta| . m_z)``
