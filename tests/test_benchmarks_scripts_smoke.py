@@ -78,3 +78,15 @@ def test_bench_accuracy_quick_writes_a_row_per_method(tmp_path, shared_data):
             assert 0.0 <= row[key] <= 1.0, (row["method"], key, row[key])
         assert row["cert_acc"] <= row["pgd_acc"] <= row["clean_acc"], row["method"]
         assert row["train_s"] > 0 and row["eval_samples"] == res["config"]["budget"]["test_subset"]
+
+
+@pytest.mark.slow
+def test_bench_crown_scale_quick(tmp_path):
+    out = tmp_path / "crown_scale.json"
+    _run("bench_crown_scale.py", "--quick", "--no-lirpa", "--dense", "--out", str(out))
+    res = json.loads(out.read_text())
+    (row,) = res["results"]
+    assert {"ibp", "crown", "crown-sound", "alpha-crown", "crown-dense"} <= set(row["seconds"])
+    # receptive-field rows and whole-map rows give the same CROWN bounds
+    assert row["max_diff"]["crown-dense"] < 1e-4
+    assert row["sound_over_plain"] > 0
