@@ -3,7 +3,7 @@
 multipliers, cold- and warm-started, on a fixed set of small hard instances.
 
     python benchmarks/bench_bab.py [--instances 20] [--cnn 4] [--timeout 10] [--unsound]
-                                   [--out FILE] [--branching babsr|width]
+                                   [--out FILE] [--branching babsr|fsb|width]
                                    [--variants clamp-only,beta,beta+warm]
                                    [--warm-iterations 15] [--quick]
 
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn", type=int, default=4, help="CNN instances")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per instance")
     ap.add_argument("--unsound", action="store_true", help="bound without fp widening")
-    ap.add_argument("--branching", default="babsr", choices=("babsr", "width"),
+    ap.add_argument("--branching", default="babsr", choices=("babsr", "fsb", "width"),
                     help="the branching score of both variants")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of {','.join(VARIANTS)}")

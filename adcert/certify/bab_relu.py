@@ -18,7 +18,10 @@ sound=sound, splits=..., relu_bounds=...)``:
   margin row reaches the neuron in one CROWN backward pass, i.e. what the chord's intercept
   costs the bound, plus ``1e-3`` x the height as a tie-break (on the 20 instances of
   ``benchmarks/bench_bab.py`` it needed 80 domains in all where the height alone needed 296, on
-  the 12 instances both certified). A domain with no neuron left to split and still not
+  the 12 instances both certified). ``branching="fsb"``: filtered smart branching, the
+  ``FSB_CANDIDATES`` best BaBSR candidates of each domain looked ahead by one batched CROWN pass
+  over both children of each, the one whose worse child bounds best wins
+  (:mod:`adcert.certify.branching`). A domain with no neuron left to split and still not
   verified is, with ``beta``, bounded once more with a longer multiplier optimisation
   (``max(4 iterations, 100)`` steps, ``lr_beta`` ``max(4x, 0.2)``): every ReLU is then stable,
   the network affine on the domain, and the bound the Lagrangian dual of an LP whose optimum is
@@ -59,8 +62,9 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from adcert.certify import branching
 
 from adcert.attacks.autoattack import verify_counterexamples
 from adcert.certify.bab import _limit
@@ -69,7 +73,8 @@ from adcert.certify.stages import Outcome, worst_margin
 Tensor = torch.Tensor
 
 BAB_METHODS = ("crown", "alpha-crown")
-BRANCHING = ("babsr", "width")
+BRANCHING = ("babsr", "fsb", "width")
+FSB_CANDIDATES = 3  # candidates looked ahead per domain with branching="fsb"
 # bound options used with ``beta`` unless ``bound_options`` overrides them: a cold-started domain
 # (the root, or every domain with ``warm_start=False``) starts its multipliers at 0, so they need
 # a larger step and more steps than the slopes alone (on the tiny nets of
@@ -93,7 +98,8 @@ class ReluSplitBaB:
             alpha-crown, False with crown).
         bound_options: extra options for ``compute_bounds`` (e.g. ``{"iterations": 10}``); with
             ``beta`` they update :data:`BETA_BOUND_DEFAULTS`.
-        branching: ``"babsr"`` or ``"width"`` (the neuron score, see the module docstring).
+        branching: ``"babsr"``, ``"fsb"`` or ``"width"`` (the neuron choice, see the module
+            docstring).
         warm_start: start every non-root domain from its parent's optimised slopes and
             multipliers (alpha-crown only; default: True with alpha-crown).
         warm_iterations: Adam steps for a warm-started domain (int >= 0; the root uses
@@ -210,35 +216,11 @@ class ReluSplitBaB:
     def _scores(self, low, x: Tensor, y: Tensor, eps: float, boxes: List[Tuple[Tensor, Tensor]]
                 ) -> List[Tensor]:
         """Branching scores ``[n, *shape_k]`` of every neuron of ``n`` domains (ReLU input boxes
-        ``boxes[k]: [n, *shape_k]``, none empty); only the unstable ones are used.
-
-        ``width``: the triangle relaxation's height at 0, ``-l u / (u - l)``. ``babsr``
-        (``low``: the lowered model): one CROWN backward pass of the margin rows gives, for the
-        domain's worst row, the coefficient ``a_j`` reaching every ReLU output; a negative one
-        takes the chord, whose intercept costs the bound ``-a_j * (-l u / (u - l))``, which a
-        split removes; that cost plus ``1e-3`` x the height (a tie-break for neurons whose
-        coefficient is >= 0)."""
-        tiny = torch.finfo(boxes[0][0].dtype).tiny
-        heights = [(-lo * up / (up - lo).clamp(min=tiny)).nan_to_num(0.0) for lo, up in boxes]
+        ``boxes[k]: [n, *shape_k]``, none empty); only the unstable ones are used. ``width``
+        without ``low`` (the lowered model), BaBSR with it (:mod:`adcert.certify.branching`)."""
         if low is None:
-            return heights
-        from adcert.bounds.inputs import input_box
-        from adcert.bounds.linear_relax import backward_lower
-        from adcert.bounds.spec import margin_spec
-
-        n = boxes[0][0].shape[0]
-        C = low.out_shape[0]
-        spec = margin_spec(y, C, x.dtype, x.device).expand(n, C, C)
-        mu, r = input_box(x, eps)
-        coefs: Dict[int, Tensor] = {}
-        with torch.no_grad():
-            lb = backward_lower(low, len(low.ops), spec, mu.expand(n, *mu.shape[1:]),
-                                r.expand(n, *r.shape[1:]), boxes, relu_coefs=coefs)
-        own = F.one_hot(y, C).bool().expand(n, C)
-        row = lb.masked_fill(own, float("inf")).argmin(1)
-        pick = torch.arange(n, device=x.device)
-        return [(-coefs[k][pick, row]).clamp(min=0) * h + 1e-3 * h if k in coefs else h
-                for k, h in enumerate(heights)]
+            return branching.heights(boxes)
+        return branching.babsr_scores(low, x, y, eps, boxes)
 
     # ------------------------------------------------------------------ attacking
 
@@ -271,7 +253,7 @@ class ReluSplitBaB:
         low = self._lowered(model, x)
         # only ReLU neurons are split (Sigmoid/Tanh/max-pooling inputs are bounded, not split)
         splittable = [low.activation(k).splittable for k in range(len(boxes))]
-        if self.branching != "babsr":
+        if self.branching == "width":
             low = None
         # the queue: one stacked split tensor [N, *shape_k] per ReLU layer
         queue = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes]
@@ -317,7 +299,12 @@ class ReluSplitBaB:
                                            splittable):
                 unstable = (lo < 0) & (up > 0) & (s == 0) & ok
                 scores.append(torch.where(unstable, sc, torch.full_like(sc, -1.0)).flatten(1))
-            best_score, best = torch.cat(scores, 1).max(1)
+            flat_scores = torch.cat(scores, 1)
+            best_score, best = flat_scores.max(1)
+            if self.branching == "fsb" and bool((best_score >= 0).any()):
+                with torch.no_grad():
+                    best = branching.fsb_choice(low, x, y, eps, boxes, flat_scores,
+                                                FSB_CANDIDATES)
             done = best_score < 0  # nothing left to split, still not verified
             if bool(done.any()) and self.beta:  # an LP: its dual needs more multiplier steps
                 it = int(self.bound_options.get("iterations", 20))
