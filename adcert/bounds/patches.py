@@ -14,8 +14,8 @@ window that has grown as large as the map.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,6 +30,8 @@ class Patches:
     top: Tensor
     left: Tensor
     map_shape: Tuple[int, int, int]
+    # (flat map index [B, 1, S*ph*pw], inside [B, S, ph, pw]): computed once per window set
+    _index: Optional[Tuple[Tensor, Tensor]] = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self):
@@ -54,22 +56,32 @@ class Patches:
         inside = ((ys >= 0) & (ys < H)).unsqueeze(-1) & ((xs >= 0) & (xs < W)).unsqueeze(-2)
         return ys, xs, inside
 
+    def index(self) -> Tuple[Tensor, Tensor]:
+        """``(flat, inside)``: the map index ``[B, 1, S*ph*pw]`` of every window entry (clamped
+        into the map) and whether it lies in the map ``[B, S, ph, pw]`` (cached)."""
+        if self._index is None:
+            ys, xs, inside = self.positions()
+            _, H, W = self.map_shape
+            B, S = self.top.shape
+            yc, xc = ys.clamp(0, H - 1), xs.clamp(0, W - 1)
+            flat = (yc.unsqueeze(-1) * W + xc.unsqueeze(-2)).reshape(B, 1, -1)
+            self._index = (flat, inside)
+        return self._index
+
     def masked(self) -> "Patches":
         """The same patches with the entries outside the map set to zero."""
-        _, _, inside = self.positions()
+        _, inside = self.index()
         data = self.data * inside.unsqueeze(2).to(self.data.dtype)
-        return Patches(data, self.top, self.left, self.map_shape)
+        return Patches(data, self.top, self.left, self.map_shape, self._index)
 
     def gather(self, t: Tensor) -> Tensor:
         """``t: [B, C, H, W]`` (or ``[B, 1, C, H, W]``) at every window entry:
         ``[B, S, C, ph, pw]`` (0 outside the map)."""
         if t.dim() == 5:
             t = t[:, 0]
-        ys, xs, inside = self.positions()
+        flat, inside = self.index()
         _, H, W = self.map_shape
         B, S = self.top.shape
-        yc, xc = ys.clamp(0, H - 1), xs.clamp(0, W - 1)
-        flat = (yc.unsqueeze(-1) * W + xc.unsqueeze(-2)).reshape(B, 1, -1)  # [B, 1, S*ph*pw]
         C = t.shape[1]
         vals = t.reshape(B, C, H * W).gather(2, flat.expand(B, C, flat.shape[-1]))
         ph, pw = self.window
@@ -98,7 +110,8 @@ class Patches:
         return (self.data * self.gather(t)).flatten(2).sum(-1)
 
     def with_data(self, data: Tensor) -> "Patches":
-        return Patches(data, self.top, self.left, self.map_shape)
+        """The same windows holding ``data`` (the cached index travels along)."""
+        return Patches(data, self.top, self.left, self.map_shape, self._index)
 
     def covers_map(self) -> bool:
         """Whether the window is as large as the map (dense is then no more expensive)."""
