@@ -40,7 +40,8 @@ def concretize_lower(A: Tensor, mu: Tensor, r: Tensor) -> Tensor:
 
 def concretize_patches(A: Patches, mu: Tensor, r: Tensor) -> Tensor:
     """:func:`concretize_lower` for receptive-field coefficients."""
-    return (A.data * A.gather(mu) - A.data.abs() * A.gather(r)).flatten(2).sum(-1)
+    mu_w, r_w = A.gather(torch.cat([mu, r], 1)).chunk(2, dim=2)
+    return (A.data * mu_w - A.data.abs() * r_w).flatten(2).sum(-1)
 
 
 def sound_concretize(A, L: Tensor, U: Tensor) -> Tensor:
@@ -49,8 +50,9 @@ def sound_concretize(A, L: Tensor, U: Tensor) -> Tensor:
     ``A`` dense or :class:`~adcert.bounds.patches.Patches` (``n`` = entries per row)."""
     if isinstance(A, Patches):
         d = A.data
-        val = (d.clamp(min=0) * A.gather(L) + d.clamp(max=0) * A.gather(U)).flatten(2).sum(-1)
-        m = torch.maximum(A.gather(L).abs(), A.gather(U).abs())
+        L_w, U_w = A.gather(torch.cat([L, U], 1)).chunk(2, dim=2)
+        val = (d.clamp(min=0) * L_w + d.clamp(max=0) * U_w).flatten(2).sum(-1)
+        m = torch.maximum(L_w.abs(), U_w.abs())
         n = math.prod(d.shape[2:])
         err = 2 * gamma(2 * n + 1, d.dtype) * (d.abs() * m).flatten(2).sum(-1)
         return down(down(val) - (err + n * torch.finfo(d.dtype).tiny))
