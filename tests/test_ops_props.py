@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds import compute_bounds
+from box_sampling import box, outputs_at, sample_points  # noqa: F401
 
 DT = torch.float64
 TOL = 1e-9
@@ -43,28 +44,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def box(x, eps):
-    return (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-
-
-def sample_points(x, eps, n=200, seed=1):
-    """``[B, 2n + 2, *in]``: uniform points, random vertices and the two extreme corners."""
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = box(x, eps)
-    shape = (x.shape[0], n) + x.shape[1:]
-    u = torch.rand(shape, generator=g, dtype=x.dtype)
-    v = (torch.rand(shape, generator=g) < 0.5).to(x.dtype)
-    ends = torch.stack([torch.zeros_like(x), torch.ones_like(x)], 1)
-    return lo.unsqueeze(1) + torch.cat([u, v, ends], 1) * (hi - lo).unsqueeze(1)
-
-
-def outputs_at(model, pts):
-    B, N = pts.shape[:2]
-    with torch.no_grad():
-        z = model(pts.reshape((B * N,) + pts.shape[2:]))
-    return z.reshape((B, N) + z.shape[1:])
 
 
 def assert_contains(lb, ub, z, what=""):
