@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds import compute_bounds
-from box_sampling import box, outputs_at, sample_points  # noqa: F401
+from box_sampling import outputs_at, sample_points
 from adcert.models import Normalize
 
 DT = torch.float64

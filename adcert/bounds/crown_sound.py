@@ -49,7 +49,7 @@ The sound result is detached from the parameters for every method (certification
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

@@ -12,7 +12,7 @@ roundings in the coefficients); a backward step's error is
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
