@@ -29,21 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds import compute_bounds
-from box_sampling import box, outputs_at, sample_points  # noqa: F401
+from box_sampling import one_thread_per_module, box, outputs_at, sample_points  # noqa: F401
 
 DT = torch.float64
 TOL = 1e-9
 C, H = 3, 6          # conv pre: [B, 1, H, H] -> [B, C, H, H]
 LIN_IN, LIN_OUT = 6, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_contains(lb, ub, z, what=""):

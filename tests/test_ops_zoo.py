@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds import compute_bounds
-from box_sampling import outputs_at, sample_points
+from box_sampling import one_thread_per_module, outputs_at, sample_points  # noqa: F401
 from adcert.models import Normalize
 
 DT = torch.float64
@@ -37,15 +37,6 @@ SOUND_METHODS = ("ibp", "crown", "alpha-crown")
 EPS = 0.03
 MEAN3 = (0.4914, 0.4822, 0.4465)
 STD3 = (0.2470, 0.2435, 0.2616)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def opts(method):

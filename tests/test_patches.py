@@ -41,7 +41,8 @@ def test_gather_and_dense_respect_the_map_edges():
                 if inside:
                     assert torch.equal(dense[0, s, :, y, x], p.data[0, s, :, i, j])
                     assert torch.equal(p.gather(t)[0, s, :, i, j], t[0, :, y, x])
-    torch.testing.assert_close(p.dot(t), (dense * t.unsqueeze(1)).flatten(2).sum(-1))
+    torch.testing.assert_close((p.data * p.gather(t)).flatten(2).sum(-1),
+                               (dense * t.unsqueeze(1)).flatten(2).sum(-1))
 
 
 class Residual(nn.Module):

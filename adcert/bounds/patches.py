@@ -105,10 +105,6 @@ class Patches:
         """``[B, S, C]``: each row's coefficients summed over its window, per channel."""
         return self.data.sum(dim=(-2, -1))
 
-    def dot(self, t: Tensor) -> Tensor:
-        """``[B, S]``: each row's coefficients times ``t: [B, C, H, W]`` (the map), summed."""
-        return (self.data * self.gather(t)).flatten(2).sum(-1)
-
     def with_data(self, data: Tensor) -> "Patches":
         """The same windows holding ``data`` (the cached index travels along)."""
         return Patches(data, self.top, self.left, self.map_shape, self._index)

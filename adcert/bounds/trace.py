@@ -35,11 +35,7 @@ from adcert.bounds import plan as P
 from adcert.bounds import registry
 from adcert.bounds.layers.arith import ARITH_FUNCTIONS, ARITH_METHODS, ArithStep, Const
 from adcert.bounds.layers.join import CatStep, ResidualStep
-from adcert.bounds.registry import BATCH, unsupported_call as _unsupported
-
-
-def supported_text() -> str:
-    return registry.supported_text()
+from adcert.bounds.registry import BATCH, supported_text, unsupported_call as _unsupported
 
 
 class _Tracer(fx.Tracer):

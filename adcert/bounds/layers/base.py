@@ -212,10 +212,6 @@ class Lowered:
     def out_shape(self) -> Tuple[int, ...]:
         return self.ops[-1].out_shape if self.ops else self.in_shape
 
-    @property
-    def is_chain(self) -> bool:
-        return all(len(o.srcs) == 1 and o.src == i - 1 for i, o in enumerate(self.ops))
-
     def relu_input_end(self, k: int) -> int:
         """The ``end`` (see :func:`adcert.bounds.backward.backward_lower`) of activation
         ``k``'s input."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple  # noqa: F401
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
