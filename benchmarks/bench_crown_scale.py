@@ -13,7 +13,8 @@ front of a conv) is bounded on the margin specification at ``eps`` (default 0.02
 under ``torch.no_grad``, with:
 
 * ``ibp``; ``crown`` (receptive-field rows, the default); ``crown-sound`` (``sound=True``, the
-  certifier's rigorous mode); ``alpha-crown`` (``--iterations`` Adam steps, default 20); with
+  certifier's rigorous mode); ``alpha-crown`` (``--iterations`` Adam steps, default 20, every
+  layer's slopes) and ``alpha-crown-last`` (the final layer's slopes alone); with
   ``--dense`` also ``crown-dense`` (``patches=False``, the whole-map rows of before);
 * auto_LiRPA (when importable) ``CROWN`` and ``alpha-CROWN`` (same iterations) in
   ``conv_mode="patches"``, the reference point of issue 15's targets: adcert's CROWN and sound
@@ -22,7 +23,8 @@ under ``torch.no_grad``, with:
 Each case runs once after a warm-up call on a smaller input (the machine is shared and the calls
 take seconds to minutes, so a single timed call per case, all in one process, is what the table
 shows; rerun for a second sample). Reported: seconds, the ratios ``crown-sound / crown`` and
-``crown / auto_LiRPA CROWN``, and the largest margin difference to adcert's ``crown``. Writes JSON
+``crown / auto_LiRPA CROWN``, the largest margin difference to adcert's ``crown``, and the margin
+lower bounds summed over the non-label classes (the alpha-CROWN table: higher is tighter). Writes JSON
 (``--out``, default ``benchmarks/results/crown_scale.json``). ``--quick``: width 4, MNIST shape,
 2 iterations (a smoke run, not a measurement).
 """
@@ -80,6 +82,8 @@ def run_case(width: int, shape: str, batch: int, eps: float, iterations: int, de
         "crown-sound": lambda: compute_bounds(model, x, eps, method="crown", y=y, sound=True),
         "alpha-crown": lambda: compute_bounds(model, x, eps, method="alpha-crown", y=y,
                                               iterations=iterations),
+        "alpha-crown-last": lambda: compute_bounds(model, x, eps, method="alpha-crown", y=y,
+                                                   iterations=iterations, intermediate=False),
     }
     if dense:
         cases["crown-dense"] = lambda: compute_bounds(model, x, eps, method="crown", y=y,
@@ -108,7 +112,9 @@ def run_case(width: int, shape: str, batch: int, eps: float, iterations: int, de
     # warm-up (allocators, oneDNN primitive caches) on a 1-sample call
     with torch.no_grad():
         compute_bounds(model, x[:1], eps, method="crown", y=y[:1])
-    row: Dict = {"width": width, "shape": shape, "batch": batch, "seconds": {}, "max_diff": {}}
+    row: Dict = {"width": width, "shape": shape, "batch": batch, "seconds": {}, "max_diff": {},
+                 "margin_sum": {}}
+    off = ~torch.nn.functional.one_hot(y, 10).bool()
     ref = None
     for name, fn in cases.items():
         grad = torch.enable_grad() if "alpha" in name else torch.no_grad()
@@ -116,11 +122,13 @@ def run_case(width: int, shape: str, batch: int, eps: float, iterations: int, de
             sec, out = _timed(fn)
         out = out.detach()
         row["seconds"][name] = sec
+        row["margin_sum"][name] = float(out[off].sum())
         if name == "crown":
             ref = out
         if ref is not None and name != "ibp":
             row["max_diff"][name] = float((out - ref).abs().max())
-        print(f"  {name:24s} {sec:8.2f} s", flush=True)
+        print(f"  {name:24s} {sec:8.2f} s   margins summed {row['margin_sum'][name]:10.4f}",
+              flush=True)
     s = row["seconds"]
     row["sound_over_plain"] = s["crown-sound"] / s["crown"]
     if "auto_LiRPA CROWN" in s:
@@ -174,6 +182,14 @@ def main(argv: List[str] = None) -> int:
                  if "crown_over_lirpa" in r else f"{'-':>16s}  {'-':>16s}")
         print(f"{r['width']:5d} {r['shape']:6s} {r['batch']:5d} {s['crown']:7.2f} "
               f"{s['crown-sound']:6.2f} {r['sound_over_plain']:12.2f} {lirpa}")
+    print("\nalpha-CROWN, margin lower bounds summed (higher is tighter) and seconds")
+    print("width shape  batch       crown   every layer    last layer  auto_LiRPA alpha")
+    for r in rows:
+        m, s = r["margin_sum"], r["seconds"]
+        cells = [f"{m[k]:8.4f} {s[k]:5.1f}s" if k in m else f"{'-':>14s}"
+                 for k in ("alpha-crown", "alpha-crown-last", "auto_LiRPA alpha-CROWN")]
+        print(f"{r['width']:5d} {r['shape']:6s} {r['batch']:5d} {m['crown']:11.4f} "
+              + " ".join(cells))
     print(f"wrote {a.out}")
     return 0
 

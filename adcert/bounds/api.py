@@ -141,8 +141,8 @@ def compute_bounds(model: nn.Module, x: Tensor, eps: Optional[Eps] = None, metho
         eps: a float >= 0 or a per-sample tensor ``[B]``; the box is
             ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]``.
         method: ``"ibp"``, ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see
-            :mod:`adcert.bounds.crown`; options ``max_spec_elements``, ``splits``, and for
-            alpha-crown ``iterations``, ``lr``, ``lr_decay``, ``patience``, ``tol``, ``beta``,
+            :mod:`adcert.bounds.crown`; options ``max_spec_elements``, ``patches``, ``splits``,
+            and for alpha-crown ``intermediate``, ``max_alpha_elements``, ``iterations``, ``lr``, ``lr_decay``, ``patience``, ``tol``, ``beta``,
             ``lr_beta`` and the warm start ``init_alphas``, ``init_betas``, ``alpha_out``;
             for ibp ``relu_shrink``, SABR's unsound ReLU-output shrink for training, default 1).
         y: optional labels ``[B]`` (int64). If given, the result is the margin lower bounds.

@@ -12,8 +12,11 @@
   ReLU before them and at most one conv/linear) are skipped. The final bound is intersected with
   IBP's, so it is never looser than IBP. A certification tool: it runs under ``no_grad`` and the
   result is detached from the parameters.
-* ``method="alpha-crown"``: as ``crown``, then the lower ReLU slopes of the final bound are
-  optimised (:mod:`adcert.bounds.alpha_crown`). Intermediate bounds are CROWN's (not re-optimised).
+* ``method="alpha-crown"``: as ``crown``, then the relaxations' parameters (ReLU lower slopes,
+  Sigmoid/Tanh tangent points) are optimised (:mod:`adcert.bounds.alpha_crown`): those of the
+  final bound and, by default, those of every intermediate bound too, which is recomputed at
+  every step (:mod:`adcert.bounds.alpha_intermediate`; ``intermediate=False``: CROWN's
+  intermediate bounds stay fixed, the final layer's slopes alone are optimised, much cheaper).
 
 Specifications (``S`` rows per sample, one backward pass for all of them): with ``y`` the margins
 ``z_y - z_i`` (rows ``e_y - e_i``, the result's ``y`` entry 0); with ``C: [B, S, C_out]`` the
@@ -28,11 +31,18 @@ Options (unknown ones raise ``TypeError``):
   unstable neurons are processed in chunks of that size (memory ~ a few times this many
   elements). On CPU smaller chunks are faster (they stay in cache and avoid page faults on fresh
   100+ MB tensors): CNN7 at width 16, batch 2, 25.5 s at ``2**25`` and 10.3 s at ``2**21``.
+* ``interm_boxes`` (crown, alpha-crown): ``[(lower, upper)]``, one ``[B, *input shape]`` pair per
+  activation (as ``relu_bounds`` returns them): bounds of every activation's input KNOWN to hold
+  over the box (and ``splits``), e.g. a branch-and-bound parent's. They replace CROWN's
+  intermediate pass (intersected with IBP's boxes and the split clamps): one backward walk
+  instead of one per layer. The result is only as sound as they are.
 * ``splits`` (all three): ``{relu_index: tensor [B, *relu shape]}`` with ``+1`` (neuron forced
   active: input lower bound clamped to >= 0), ``-1`` (forced inactive: upper bound clamped to
   <= 0) or ``0``; the bound then holds on that sub-domain of the box (branch-and-bound).
-* alpha-crown: ``iterations`` (20), ``lr`` (0.1), ``lr_decay`` (0.98), ``patience`` (5),
-  ``tol`` (1e-4), ``beta`` (False: with ``splits``, also optimise beta-CROWN split multipliers)
+* alpha-crown: ``intermediate`` (True), ``max_alpha_elements`` (per-row intermediate slopes
+  kept in all, default ``2**24`` on CPU, ``2**26`` on GPUs; memory ~5x; past it the slopes are
+  shared per layer, see :mod:`adcert.bounds.alpha_intermediate`), ``iterations`` (20), ``lr``
+  (0.3), ``lr_decay`` (0.98), ``patience`` (10), ``tol`` (0), ``beta`` (False: with ``splits``, also optimise beta-CROWN split multipliers)
   and ``lr_beta`` (0.05), see :func:`adcert.bounds.alpha_crown.optimize_alpha_beta`; warm
   start: ``init_alphas`` / ``init_betas`` (``{relu_index: [B, S, *relu shape]}``) and
   ``alpha_out`` (a dict receiving the best ``{"alphas", "betas"}``), see
@@ -50,7 +60,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from adcert.bounds.alpha_crown import optimize_alpha, optimize_alpha_beta, signed_betas
+from adcert.bounds.alpha_crown import optimize_alpha_beta, signed_betas
+from adcert.bounds.alpha_intermediate import (
+    DEFAULT_MAX_ALPHA_ELEMENTS, IntermediateRows, SlopeBank,
+)
 from adcert.bounds.crown_sound import (
     sound_backward, sound_concretize, sound_op_boxes, widened_input,
 )
@@ -67,10 +80,15 @@ Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
 
 COMMON_OPTIONS = ("splits",)
-CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements", "patches")
+CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements", "patches", "interm_boxes")
 ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol", "beta",
-                                 "lr_beta", "init_alphas", "init_betas", "alpha_out")
+                                 "lr_beta", "init_alphas", "init_betas", "alpha_out",
+                                 "intermediate", "max_alpha_elements")
 DEFAULT_MAX_SPEC_ELEMENTS = {"cpu": 2 ** 21, "other": 2 ** 25}  # by device type
+# sound alpha-CROWN stops optimising once every margin's plain bound exceeds this: the rigorous
+# re-evaluation of trained nets' bounds was within 0.013 of the plain one (100 digits, margins
+# ~1.6, session 5), so a sample stopped here almost always stays verified
+SOUND_STOP_MARGIN = 0.05
 
 
 # --------------------------------------------------------------------------- specification
@@ -160,6 +178,26 @@ def check_splits(splits, low: Lowered, B: int) -> Optional[Dict[int, Tensor]]:
     return splits
 
 
+def given_boxes(given, ibp_boxes: List[Box], splits) -> List[Box]:
+    """``options["interm_boxes"]`` validated against the IBP boxes (one pair per activation, the
+    same shapes, dtype and device), intersected with them and clamped by the splits."""
+    if not isinstance(given, (list, tuple)) or len(given) != len(ibp_boxes):
+        raise ValueError(f"interm_boxes: expected a list of {len(ibp_boxes)} (lower, upper) "
+                         f"pairs, one per activation, got "
+                         f"{len(given) if isinstance(given, (list, tuple)) else type(given)}")
+    out = []
+    for k, (pair, (lo, up)) in enumerate(zip(given, ibp_boxes)):
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+            isinstance(t, torch.Tensor) and t.shape == lo.shape and t.dtype == lo.dtype
+            and t.device == lo.device for t in pair)
+        if not ok:
+            raise ValueError(f"interm_boxes: entry {k} must be a (lower, upper) pair of tensors "
+                             f"of shape {tuple(lo.shape)}, dtype {lo.dtype} on {lo.device}")
+        box = (torch.maximum(pair[0], lo), torch.minimum(pair[1], up))
+        out.append(apply_split(box, None if splits is None else splits.get(k)))
+    return out
+
+
 def apply_split(box: Box, split: Optional[Tensor]) -> Box:
     """Clamp a ReLU input box by a split: ``+1`` -> lower >= 0, ``-1`` -> upper <= 0."""
     if split is None:
@@ -193,18 +231,20 @@ def unstable_order(lo: Tensor, up: Tensor, loose: Optional[Tensor] = None
 
 
 def neuron_bounds(low: Lowered, end: int, idx: Tensor, shape, mu: Tensor, r: Tensor,
-                  boxes: List[Box], backward=backward_lower, patches: bool = False) -> Box:
+                  boxes: List[Box], backward=backward_lower, patches: bool = False,
+                  alphas=None) -> Box:
     """CROWN lower and upper bounds ``[B, n]`` of the neurons ``idx: [B, n]`` (flat indices into
     one sample's ``shape``) of the output of ``low.ops[end - 1]``. ``patches``: start from
-    receptive-field rows (:mod:`adcert.bounds.patches`; ``shape`` must be ``(C, H, W)``)."""
+    receptive-field rows (:mod:`adcert.bounds.patches`; ``shape`` must be ``(C, H, W)``);
+    ``alphas``: the walk's relaxation parameters (the ``2n`` rows are ``[lower; upper]``)."""
     B, n = idx.shape
     if patches:
-        lb = backward(low, end, unit_patches(idx, tuple(shape), mu.dtype), mu, r, boxes)
+        lb = backward(low, end, unit_patches(idx, tuple(shape), mu.dtype), mu, r, boxes, alphas)
         return lb[:, :n], -lb[:, n:]
     A = torch.zeros((B, n, math.prod(shape)), dtype=mu.dtype, device=mu.device)
     A.scatter_(2, idx.unsqueeze(2), 1.0)
     A = A.reshape((B, n) + tuple(shape))
-    lb = backward(low, end, torch.cat([A, -A], 1), mu, r, boxes)
+    lb = backward(low, end, torch.cat([A, -A], 1), mu, r, boxes, alphas)
     return lb[:, :n], -lb[:, n:]
 
 
@@ -285,10 +325,27 @@ def parse_options(method: str, options, known, device="cpu") -> dict:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"max_spec_elements: expected a positive int, got {m!r}")
     out["max_spec_elements"] = m
-    if not isinstance(out.get("patches", True), bool):
-        raise ValueError(f"patches: expected a bool, got {out['patches']!r}")
-    out["patches"] = out.get("patches", True)
+    for name in ("patches", "intermediate"):
+        if not isinstance(out.get(name, True), bool):
+            raise ValueError(f"{name}: expected a bool, got {out[name]!r}")
+        out[name] = out.get(name, True)
+    key = "cpu" if torch.device(device).type == "cpu" else "other"
+    m = out.get("max_alpha_elements", DEFAULT_MAX_ALPHA_ELEMENTS[key])
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"max_alpha_elements: expected an int >= 0, got {m!r}")
+    out["max_alpha_elements"] = m
     return out
+
+
+def intermediate_rows(low: Lowered, boxes: List[Box], splits, opts: dict):
+    """alpha-CROWN's intermediate rows and slope bank (``(None, None)`` with
+    ``intermediate=False`` or when no intermediate bound can tighten)."""
+    if not opts["intermediate"]:
+        return None, None
+    interm = IntermediateRows(low, boxes, splits, opts["max_spec_elements"], opts["patches"])
+    if not interm:
+        return None, None
+    return interm, SlopeBank(opts["max_alpha_elements"])
 
 
 def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
@@ -314,12 +371,18 @@ def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
             ibp_steps(steps, mu, r, stats, ibp_boxes)
             boxes = [apply_split(b, None if splits is None else splits.get(k))
                      for k, b in enumerate(ibp_boxes)]
+        elif opts.get("interm_boxes") is not None:
+            boxes = given_boxes(opts["interm_boxes"], ibp_boxes, splits)
         else:
             boxes = crown_intermediate(low, mu, r, ibp_boxes, splits, opts["max_spec_elements"],
                                        patches=opts["patches"])
         end = len(low.ops)
         if method == "alpha-crown":
-            lb, _ = optimize_alpha(low, end, spec, mu, r, boxes, opts)
+            interm, bank = intermediate_rows(low, boxes, splits, opts)
+            lb, _, _ = optimize_alpha_beta(low, end, spec, mu, r, boxes, opts, interm, bank,
+                                           stop_above=0.0 if kind == "margin" else None)
+            if interm is not None:
+                boxes = interm.best_boxes
         else:
             lb = backward_lower(low, end, spec, mu, r, boxes)
         if certify:
@@ -349,14 +412,22 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
         if method == "crown-ibp":
             boxes = [apply_split(b, None if splits is None else splits.get(k))
                      for k, b in enumerate(ibp_relu)]
+        elif opts.get("interm_boxes") is not None:
+            boxes = given_boxes(opts["interm_boxes"], ibp_relu, splits)
         else:
             boxes = crown_intermediate(low, mu, r, ibp_relu, splits,
                                        opts["max_spec_elements"], backward, opts["patches"])
         end = len(low.ops)
         alphas = betas = None
         if method == "alpha-crown":
-            _, alphas, betas = optimize_alpha_beta(low, end, spec, mu, r, boxes, opts)
+            interm, bank = intermediate_rows(low, boxes, splits, opts)
+            # stop once every margin is verified with room for the rounding terms
+            _, alphas, betas = optimize_alpha_beta(
+                low, end, spec, mu, r, boxes, opts, interm, bank,
+                stop_above=SOUND_STOP_MARGIN if kind == "margin" else None)
             betas = signed_betas(betas, splits)
+            if interm is not None:  # the kept slopes, re-evaluated by the rigorous walks
+                boxes = interm.boxes(mu, r, bank.frozen(), backward)
         lb = backward(low, end, spec, mu, r, boxes, alphas, betas)
         if method != "crown-ibp":
             lb = torch.maximum(lb, sound_concretize(spec, *outs[len(low.ops) - 1]))

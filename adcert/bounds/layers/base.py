@@ -186,6 +186,18 @@ class Walk:
     def sound(self) -> bool:
         return self.hook is not None
 
+    def alpha(self, piece: "Piece", A) -> Optional[Tensor]:
+        """The relaxation parameters of activation ``piece`` for the rows ``A`` of this walk:
+        ``alphas[k]`` (``[B, S, *shape]``) from a plain dict, or, from a slope bank (an object
+        with ``rows_alpha``, :class:`adcert.bounds.alpha_intermediate.SlopeBank`), parameters in
+        ``A``'s own form (dense rows or receptive-field windows); ``None`` = CROWN's."""
+        if self.alphas is None:
+            return None
+        rows_alpha = getattr(self.alphas, "rows_alpha", None)
+        if rows_alpha is not None:
+            return rows_alpha(piece, A, self.boxes[piece.act_index])
+        return self.alphas.get(piece.act_index)
+
     def magnitude(self, j: int) -> Tensor:
         """``max(|l|, |u|)`` of piece ``j``'s output box, ``[B, 1, *shape]`` (sound only)."""
         return self.hook.magnitude(j)

@@ -118,8 +118,12 @@ class ReluPiece(Piece):
         return (lower < 0) & (upper > 0)
 
     def takes_patches(self, walk: Walk) -> bool:
+        """Windows pass through unless this walk records coefficients, or has dense slopes or
+        multipliers for this ReLU (a slope bank makes its slopes in the windows' form)."""
         k = self.act_index
-        return walk.relu_coefs is None and (walk.alphas is None or k not in walk.alphas) and \
+        dense_alpha = walk.alphas is not None and not hasattr(walk.alphas, "rows_alpha") and \
+            k in walk.alphas
+        return walk.relu_coefs is None and not dense_alpha and \
             (walk.betas is None or k not in walk.betas)
 
     def backward(self, A: Tensor, walk: Walk) -> Back:
@@ -127,7 +131,7 @@ class ReluPiece(Piece):
         lo, up = walk.boxes[k]
         if walk.relu_coefs is not None:
             walk.relu_coefs[k] = A
-        alpha = None if walk.alphas is None else walk.alphas.get(k)
+        alpha = walk.alpha(self, A)
         beta = None if walk.betas is None else walk.betas.get(k)
         patches = isinstance(A, Patches)
         if not walk.sound and not patches:
@@ -140,7 +144,13 @@ class ReluPiece(Piece):
         lines = self.lines(lo, up, walk.sound, alpha)
         if patches:
             C = lo.shape[1]
-            lo_slope, slope, icpt, m_z = A.gather(torch.cat(lines, 1)).split(C, dim=2)
+            if alpha is None:
+                lo_slope, slope, icpt, m_z = A.gather(torch.cat(lines, 1)).split(C, dim=2)
+            else:  # window-form slopes [B, S, C, ph, pw]: the unstable mask on the windows too
+                mask = self._unstable.to(lo.dtype)
+                lo_slope, slope, icpt, m_z, unstable = \
+                    A.gather(torch.cat(lines + (mask,), 1)).split(C, dim=2)
+                lo_slope = torch.where(unstable > 0, alpha.clamp(0, 1), lo_slope)
             data = A.data
         else:
             lo_slope, slope, icpt, m_z = (t.unsqueeze(1) for t in lines)

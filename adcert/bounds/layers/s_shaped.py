@@ -139,7 +139,7 @@ class SShapePiece(Piece):
 
     def backward(self, A: Tensor, walk: Walk) -> Back:
         lo, hi = walk.boxes[self.act_index]
-        alpha = None if walk.alphas is None else walk.alphas.get(self.act_index)
+        alpha = walk.alpha(self, A)
         lo1, up1 = lo.unsqueeze(1), hi.unsqueeze(1)
         if alpha is None:
             d = self._chord(lo, hi).unsqueeze(1)
