@@ -109,8 +109,29 @@ def test_bench_bab_quick_writes_json(tmp_path):
     res = json.loads(out.read_text())
     n = res["config"]["instances"]
     assert n >= 1 and res["config"]["quick"] is True and res["conflicts"] == []
-    assert set(res["variants"]) == {"clamp-only", "beta", "beta+warm"}
+    assert set(res["variants"]) == {"clamp-only", "beta", "beta+warm", "beta+warm+recompute"}
     for v in res["variants"].values():
         assert len(v["per_instance"]) == n
         assert v["solved"] == v["certified"] + v["attacked"] and v["solved"] + v["unknown"] == n
         assert all(r["domains"] >= 1 and r["seconds"] >= 0 for r in v["per_instance"])
+
+
+@pytest.mark.slow
+def test_bench_bab_cnn7_quick_writes_json(tmp_path, shared_data):
+    """``benchmarks/bench_bab_cnn7.py --quick``: trains a tiny CNN7 on MNIST, runs both box
+    variants on what alpha-CROWN leaves open, and the verdicts never contradict."""
+    out = tmp_path / "bab_cnn7.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_bab_cnn7.py"),
+                           "--quick", "--data-dir", str(shared_data), "--work",
+                           str(tmp_path / "work"), "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, \
+        f"bench_bab_cnn7.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    n = len(res["bab_samples"])
+    assert sum(res["before_bab"].values()) == res["args"]["samples"]
+    assert set(res["variants"]) == {"reuse", "recompute"}
+    for v in res["variants"].values():
+        assert v["certified"] + v["attacked"] + v["unknown"] == n

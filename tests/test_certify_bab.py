@@ -10,7 +10,7 @@ from torch import nn
 from adcert.attacks.autoattack import margins
 from adcert.attacks.pgd import pgd_attack
 from adcert.bounds import compute_bounds
-from adcert.certify.bab_relu import ReluSplitBaB
+from adcert.certify.bab_relu import BAB_ALPHA_DEFAULTS, ReluSplitBaB
 from adcert.certify.stages import make_stage, worst_margin
 
 EPS = 0.12
@@ -139,7 +139,8 @@ def test_beta_and_branching_options_reach_the_stage_and_stats_are_recorded():
     st = make_stage("bab-relu", 3, options={"bab-relu": {
         "method": "alpha-crown", "beta": False, "branching": "width",
         "bound_options": {"iterations": 5}}})
-    assert not st.beta and st.branching == "width" and st.bound_options == {"iterations": 5}
+    assert not st.beta and st.branching == "width"
+    assert st.bound_options == dict(BAB_ALPHA_DEFAULTS, iterations=5)
     st = make_stage("bab-relu", 3, options={"bab-relu": {"method": "alpha-crown"}})
     assert st.beta and st.branching == "babsr" and st.bound_options["lr_beta"] > 0
     net = mlp()
@@ -181,3 +182,61 @@ def test_warm_start_gives_the_same_verdicts_and_its_certificates_survive_attacks
     assert not attackable(net, x[cert], y[cert], eps).any()
     # the searched instances closed: a warm start must not blow the domain count up
     assert sum(domains[True]) <= 2 * sum(domains[False]), domains
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_reused_boxes_reach_the_same_verdicts_as_recomputed_ones(method):
+    """Domains bounded with their parent's ReLU boxes (one backward walk each) never contradict
+    the recomputing search (one certifies, the other attacks), every certificate survives
+    sampling + PGD, and every counterexample is real."""
+    eps = 0.2
+    net = mlp()
+    x, y = points(net)
+    verdicts, domains = {}, {}
+    for reuse in (True, False):
+        st = ReluSplitBaB(sound=True, method=method, timeout=10, max_domains=3000,
+                          reuse_boxes=reuse)
+        out = st.run(net, x, y, eps)
+        verdicts[reuse], domains[reuse] = out.verdicts, [s["domains"] for s in st.last_stats]
+        for i, v in enumerate(out.verdicts):
+            if v == "attacked":
+                assert margins(net, out.adv[i][None], y[i:i + 1])[0] <= 0
+    for a, b in zip(verdicts[True], verdicts[False]):
+        assert {a, b} != {"certified", "attacked"}, (verdicts, domains)
+    cert = torch.tensor([v == "certified" for v in verdicts[True]])
+    assert cert.sum() >= 2 and not attackable(net, x[cert], y[cert], eps).any()
+
+
+def test_interm_boxes_replace_the_intermediate_pass_and_are_checked():
+    """Given CROWN's own ReLU boxes, crown reproduces its bound in one walk; given looser (IBP)
+    ones it is looser but still contains sampled margins; a malformed list is refused by name."""
+    net = mlp()
+    x, y = points(net)
+    eps = 0.2
+    crown_boxes, ibp_boxes = [], []
+    crown = compute_bounds(net, x, eps, method="crown", y=y, relu_bounds=crown_boxes)
+    compute_bounds(net, x, eps, method="ibp", y=y, relu_bounds=ibp_boxes)
+    for sound in (False, True):
+        again = compute_bounds(net, x, eps, method="crown", y=y, sound=sound,
+                               interm_boxes=compute_boxes(net, x, eps, sound))
+        ref = compute_bounds(net, x, eps, method="crown", y=y, sound=sound)
+        torch.testing.assert_close(again, ref, rtol=0, atol=0)
+    loose = compute_bounds(net, x, eps, method="crown", y=y, interm_boxes=ibp_boxes)
+    assert (loose <= crown + 1e-12).all() and (loose < crown - 1e-6).any()
+    pts = x.unsqueeze(1) + eps * (2 * torch.rand((x.shape[0], 500) + x.shape[1:],
+                                                 dtype=x.dtype) - 1)
+    with torch.no_grad():
+        z = net(pts.flatten(0, 1)).reshape(x.shape[0], 500, -1)
+    m = z.gather(2, y.view(-1, 1, 1).expand(-1, 500, 1)) - z
+    assert (m.min(1).values >= loose - 1e-9).all()
+    with pytest.raises(ValueError, match="interm_boxes"):
+        compute_bounds(net, x, eps, method="crown", y=y, interm_boxes=crown_boxes[:1])
+    with pytest.raises(ValueError, match="interm_boxes: entry 0"):
+        compute_bounds(net, x, eps, method="crown", y=y,
+                       interm_boxes=[(b[0][:1], b[1][:1]) for b in crown_boxes])
+
+
+def compute_boxes(net, x, eps, sound):
+    boxes = []
+    compute_bounds(net, x, eps, method="crown", sound=sound, relu_bounds=boxes, y=None)
+    return boxes

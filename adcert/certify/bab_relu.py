@@ -81,6 +81,10 @@ FSB_CANDIDATES = 3  # candidates looked ahead per domain with branching="fsb"
 # tests/test_beta_crown.py, 20 steps at lr_beta 0.05 left fully split domains open that 50 steps
 # at 0.2 close); warm-started domains run ``warm_iterations`` steps instead
 BETA_BOUND_DEFAULTS = {"iterations": 50, "lr": 0.2, "lr_beta": 0.2}
+# alpha-crown options of every domain unless ``bound_options`` overrides them: only the final
+# layer's slopes are re-optimised (alpha,beta-CROWN's BaB does the same; the intermediate bounds
+# come from CROWN and the split clamps), with a short early stop: a domain is one of many
+BAB_ALPHA_DEFAULTS = {"intermediate": False, "lr": 0.1, "patience": 5, "tol": 1e-4}
 # Adam steps for a warm-started (non-root) domain
 WARM_ITERATIONS = 15
 # (slopes, multipliers) of a batch of domains: one [n, S, *relu shape] tensor per ReLU each
@@ -104,6 +108,9 @@ class ReluSplitBaB:
             multipliers (alpha-crown only; default: True with alpha-crown).
         warm_iterations: Adam steps for a warm-started domain (int >= 0; the root uses
             ``iterations`` of ``bound_options``).
+        reuse_boxes: bound a domain with its parent's ReLU input boxes (clamped by its splits)
+            instead of recomputing them by CROWN: one backward walk per domain instead of one
+            per layer (see the module docstring). Default True.
         max_domains: the most domains bounded per sample before giving up.
         batch: domains bounded per ``compute_bounds`` call.
         attack_every, pgd_steps, restarts: the PGD schedule (``attack_every=0``: never attack).
@@ -117,7 +124,8 @@ class ReluSplitBaB:
                  max_domains: int = 20_000, batch: int = 64, attack_every: int = 10,
                  pgd_steps: int = 20, restarts: int = 8, beta: Optional[bool] = None,
                  bound_options: Optional[Dict[str, Any]] = None, branching: str = "babsr",
-                 warm_start: Optional[bool] = None, warm_iterations: int = WARM_ITERATIONS):
+                 warm_start: Optional[bool] = None, warm_iterations: int = WARM_ITERATIONS,
+                 reuse_boxes: bool = True):
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
         if method not in BAB_METHODS:
@@ -145,9 +153,15 @@ class ReluSplitBaB:
         if isinstance(warm_iterations, bool) or not isinstance(warm_iterations, int) or \
                 warm_iterations < 0:
             raise ValueError(f"warm_iterations: expected an int >= 0, got {warm_iterations!r}")
+        if not isinstance(reuse_boxes, bool):
+            raise ValueError(f"reuse_boxes: expected a bool, got {reuse_boxes!r}")
+        self.reuse_boxes = reuse_boxes
         self.warm_start, self.warm_iterations = warm_start, warm_iterations
         self.beta, self.branching = beta, branching
-        self.bound_options = dict(BETA_BOUND_DEFAULTS if beta else {}, **(bound_options or {}))
+        defaults = dict(BAB_ALPHA_DEFAULTS if method == "alpha-crown" else {},
+                        **(BETA_BOUND_DEFAULTS if beta else {}))
+        self.bound_options = dict(defaults, **(bound_options or {}))
+        self.user_options = dict(bound_options or {})
         self.last_stats: List[Dict[str, Any]] = []
         self.sound, self.timeout, self.method = bool(sound), timeout, method
         self.max_domains, self.batch = int(max_domains), int(batch)
@@ -157,17 +171,22 @@ class ReluSplitBaB:
     # ------------------------------------------------------------------ bounding
 
     def _bound(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
-               splits: Optional[Dict[int, Tensor]], warm: Optional[Warm] = None, **extra: Any
+               splits: Optional[Dict[int, Tensor]], warm: Optional[Warm] = None,
+               parent: Optional[List[Tuple[Tensor, Tensor]]] = None, **extra: Any
                ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]], Optional[Warm]]:
         """``x: [n, *in]`` copies of one sample, ``splits[k]: [n, *shape_k]`` -> (worst margin
         lower bound ``[n]``, every ReLU's input box ``[(lo, up)]`` each ``[n, *shape_k]``, and
         with ``warm_start`` the optimised slopes and multipliers (:data:`Warm`), else ``None``).
-        ``warm``: slopes and multipliers to start from; ``extra``: bound options overriding
+        ``warm``: slopes and multipliers to start from; ``parent``: ReLU input boxes
+        ``[(lo, up)]`` (each ``[n, *shape_k]``) valid over each domain, used instead of CROWN's
+        intermediate pass (``reuse_boxes``); ``extra``: bound options overriding
         ``bound_options``."""
         from adcert.bounds import compute_bounds
 
         boxes: List[Tuple[Tensor, Tensor]] = []
         kw = dict(self.bound_options, **extra)
+        if parent is not None:
+            kw["interm_boxes"] = parent
         if splits is not None:
             kw["splits"] = splits
             if self.beta:
@@ -247,7 +266,10 @@ class ReluSplitBaB:
         start = time.monotonic()
         limit = _limit(self.timeout, limit)
         prog = self._progress = {"domains": 1, "rounds": 0}
-        worst, boxes, warm = self._bound(model, x, y, eps, None)
+        # the root with every layer's slopes optimised: its boxes are every domain's start
+        root_kw = {"intermediate": True} if self.method == "alpha-crown" and \
+            "intermediate" not in self.user_options else {}
+        worst, boxes, warm = self._bound(model, x, y, eps, None, **root_kw)
         if bool(worst[0] > 0):
             return "certified", float(worst[0]), None
         low = self._lowered(model, x)
@@ -257,6 +279,8 @@ class ReluSplitBaB:
             low = None
         # the queue: one stacked split tensor [N, *shape_k] per ReLU layer
         queue = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes]
+        # with reuse_boxes: each queued domain's ReLU input boxes (its parent's), [N, *shape_k]
+        q_boxes = [(lo.detach(), up.detach()) for lo, up in boxes] if self.reuse_boxes else None
         # with warm_start: each queued domain's starting slopes and multipliers, [N, S, *shape_k]
         q_warm = warm
         warm_kw = {"iterations": self.warm_iterations} if warm is not None else {}
@@ -275,12 +299,14 @@ class ReluSplitBaB:
             queue = [q[self.batch:] for q in queue]
             d_warm = None if q_warm is None else _take(q_warm, slice(0, self.batch))
             q_warm = None if q_warm is None else _take(q_warm, slice(self.batch, None))
+            d_boxes = None if q_boxes is None else _take_boxes(q_boxes, slice(0, self.batch))
+            q_boxes = None if q_boxes is None else _take_boxes(q_boxes, slice(self.batch, None))
             n = dom[0].shape[0]
             seen += n
             prog["domains"], prog["rounds"] = seen + 1, rounds
             worst, boxes, d_warm = self._bound(model, x.expand(n, *x.shape[1:]), y.expand(n),
                                                eps, _relu_splits(dom, splittable), d_warm,
-                                               **warm_kw)
+                                               d_boxes, **warm_kw)
             empty = torch.zeros(n, dtype=torch.bool, device=x.device)
             for lo, up in boxes:
                 empty |= (lo > up).flatten(1).any(1)
@@ -313,6 +339,7 @@ class ReluSplitBaB:
                                       y.expand(int(done.sum())), eps,
                                       _relu_splits([s[done] for s in dom], splittable),
                                       None if d_warm is None else _take(d_warm, done),
+                                      None if d_boxes is None else _take_boxes(boxes, done),
                                       iterations=max(4 * it, 100), patience=25,
                                       lr_decay=0.99, lr_beta=max(4 * lr_b, 0.2))
                 closed = torch.zeros_like(done)
@@ -323,6 +350,7 @@ class ReluSplitBaB:
                 prog["domains"] = seen + 1
                 keep = ~closed
                 dom, best = [s[keep] for s in dom], best[keep]
+                boxes = _take_boxes(boxes, keep)
                 d_warm = None if d_warm is None else _take(d_warm, keep)
                 done = done[keep]
             if bool(done.any()):
@@ -347,6 +375,10 @@ class ReluSplitBaB:
                 children.append(torch.cat([pos, neg]).reshape((-1,) + tuple(s.shape[1:])))
                 offset += m_
             queue = [torch.cat([q, c]) for q, c in zip(queue, children)]
+            if q_boxes is not None:  # both children start from the parent's boxes
+                q_boxes = [(torch.cat([ql, pl.detach(), pl.detach()]),
+                            torch.cat([qu, pu.detach(), pu.detach()]))
+                           for (ql, qu), (pl, pu) in zip(q_boxes, boxes)]
             if d_warm is not None:  # both children start from the parent's optimum
                 q_warm = tuple([None if p is None else torch.cat([q, p, p])
                                 for q, p in zip(qs, ps)] for qs, ps in zip(q_warm, d_warm))
@@ -369,6 +401,11 @@ class ReluSplitBaB:
 def _relu_splits(dom: List[Tensor], splittable: List[bool]) -> Dict[int, Tensor]:
     """The ``splits`` option: the split tensors of the splittable (ReLU) layers."""
     return {k: s for k, (s, ok) in enumerate(zip(dom, splittable)) if ok}
+
+
+def _take_boxes(boxes: List[Tuple[Tensor, Tensor]], index) -> List[Tuple[Tensor, Tensor]]:
+    """The rows ``index`` (a slice or a bool mask over domains) of every box."""
+    return [(lo[index], up[index]) for lo, up in boxes]
 
 
 def _take(warm: Warm, index) -> Warm:
