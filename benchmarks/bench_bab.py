@@ -4,7 +4,7 @@ multipliers, cold- and warm-started, on a fixed set of small hard instances.
 
     python benchmarks/bench_bab.py [--instances 20] [--cnn 4] [--timeout 10] [--unsound]
                                    [--out FILE] [--branching babsr|fsb|width]
-                                   [--variants clamp-only,beta,beta+warm,beta+warm+recompute]
+                                   [--variants clamp-only,beta,beta+warm,...]
                                    [--warm-iterations 15] [--quick]
 
 Instances (deterministic, seeded), one random point each, labelled by the net itself, and a
@@ -22,8 +22,9 @@ the same bound options (:data:`BOUND_OPTIONS`, the root's and a cold domain's Ad
 same per-sample ``--timeout`` and PGD schedule: ``clamp-only`` (``beta=False``), ``beta``
 (split multipliers, every domain optimised from scratch) and ``beta+warm`` (every domain starts
 from its parent's slopes and multipliers and runs ``--warm-iterations`` steps); each bounds a
-domain with its parent's ReLU boxes (``reuse_boxes``) except ``beta+warm+recompute``, which
-recomputes them by CROWN under the domain's splits. The table gives,
+domain with its parent's ReLU boxes (``boxes="reuse"``) except ``beta+warm+refine`` (the
+parent's boxes tightened by CROWN under the domain's splits) and ``beta+warm+recompute`` (CROWN's
+from scratch). The table gives,
 per instance set and variant, the instances solved (certified + attacked), unknown, and the
 median domains and seconds per instance (over all instances; an unknown counts with its budget).
 Two variants that disagree (one certifies what another attacks) would be a soundness bug: the
@@ -57,9 +58,10 @@ from adcert.certify.stages import worst_margin  # noqa: E402
 
 BOUND_OPTIONS = {"iterations": 50, "lr": 0.2, "lr_beta": 0.2}
 FACTORS = (1.05, 1.15, 1.3, 1.5)
-# variant -> (beta, warm_start, reuse_boxes)
-VARIANTS = {"clamp-only": (False, False, True), "beta": (True, False, True),
-            "beta+warm": (True, True, True), "beta+warm+recompute": (True, True, False)}
+# variant -> (beta, warm_start, boxes)
+VARIANTS = {"clamp-only": (False, False, "reuse"), "beta": (True, False, "reuse"),
+            "beta+warm": (True, True, "reuse"), "beta+warm+refine": (True, True, "refine"),
+            "beta+warm+recompute": (True, True, "recompute")}
 
 
 def tiny_mlp(seed: int, d: int, h: int, c: int = 3) -> nn.Module:
@@ -149,17 +151,17 @@ def run_variant(inst: List[dict], name: str, timeout: float, sound: bool,
                 branching: str = "babsr", warm_iterations: int = 15) -> Dict:
     """Run the variant ``name`` (a key of :data:`VARIANTS`) on every instance; the summary over
     all instances plus one per instance kind (``by_kind``)."""
-    beta, warm, reuse = VARIANTS[name]
+    beta, warm, boxes = VARIANTS[name]
     rows = []
     for it in inst:
         st = ReluSplitBaB(sound=sound, timeout=timeout, method="alpha-crown", beta=beta,
                           bound_options=BOUND_OPTIONS, attack_every=10, branching=branching,
                           warm_start=warm, warm_iterations=warm_iterations,
-                          reuse_boxes=reuse)
+                          boxes=boxes)
         st.run(it["net"], it["x"], it["y"], it["eps"])
         rows.append(dict(st.last_stats[0], kind=it["kind"]))
     kinds = sorted({r["kind"] for r in rows})
-    return dict(summarize(rows), name=name, beta=beta, warm_start=warm, reuse_boxes=reuse,
+    return dict(summarize(rows), name=name, beta=beta, warm_start=warm, boxes=boxes,
                 per_instance=rows,
                 by_kind={k: summarize([r for r in rows if r["kind"] == k]) for k in kinds})
 

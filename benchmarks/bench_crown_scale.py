@@ -4,7 +4,7 @@
     python benchmarks/bench_crown_scale.py [--widths 16,64] [--shapes mnist,cifar]
                                            [--batches 1] [--threads 2] [--eps 0.02]
                                            [--iterations 20] [--dense] [--no-lirpa]
-                                           [--no-lirpa-alpha]
+                                           [--no-lirpa-alpha] [--no-alpha]
                                            [--out FILE] [--quick]
 
 For every (width, input shape, batch) one seeded CNN7 (``adcert.models.cnn7``, its Normalize the
@@ -69,7 +69,7 @@ def _timed(fn):
 
 
 def run_case(width: int, shape: str, batch: int, eps: float, iterations: int, dense: bool,
-             lirpa: bool, lirpa_alpha: bool = True) -> Dict:
+             lirpa: bool, lirpa_alpha: bool = True, alpha: bool = True) -> Dict:
     channels, size = SHAPES[shape]
     torch.manual_seed(0)
     model = cnn7(width=width, in_channels=channels, input_size=size,
@@ -88,6 +88,8 @@ def run_case(width: int, shape: str, batch: int, eps: float, iterations: int, de
     if dense:
         cases["crown-dense"] = lambda: compute_bounds(model, x, eps, method="crown", y=y,
                                                       patches=False)
+    if not alpha:
+        del cases["alpha-crown"], cases["alpha-crown-last"]
     lib = _lirpa() if lirpa else None
     if lib is not None:
         BoundedModule, BoundedTensor, Perturbation = lib
@@ -107,7 +109,7 @@ def run_case(width: int, shape: str, batch: int, eps: float, iterations: int, de
                 return net.compute_bounds(x=(bounded,), method=method, C=spec)[0]
 
         cases["auto_LiRPA CROWN"] = lambda: lirpa_bound("CROWN")
-        if lirpa_alpha:
+        if lirpa_alpha and alpha:
             cases["auto_LiRPA alpha-CROWN"] = lambda: lirpa_bound("alpha-CROWN")
     # warm-up (allocators, oneDNN primitive caches) on a 1-sample call
     with torch.no_grad():
@@ -150,6 +152,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--no-lirpa-alpha", action="store_true",
                    help="skip auto_LiRPA's alpha-CROWN (it optimises every layer's slopes: "
                         "over 10 minutes at width 16 on 2 CPU cores)")
+    p.add_argument("--no-alpha", action="store_true",
+                   help="skip every alpha-CROWN case (e.g. at batch 16: minutes each on a CPU)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "crown_scale.json"))
     p.add_argument("--quick", action="store_true", help="width 4, MNIST, 2 iterations")
     a = p.parse_args(argv)
@@ -168,7 +172,7 @@ def main(argv: List[str] = None) -> int:
             for batch in batches:
                 print(f"CNN7 width {width}, {shape} shape, batch {batch}:", flush=True)
                 rows.append(run_case(width, shape, batch, a.eps, a.iterations, a.dense,
-                                     not a.no_lirpa, not a.no_lirpa_alpha))
+                                     not a.no_lirpa, not a.no_lirpa_alpha, not a.no_alpha))
     result = {"device": {"name": platform.processor() or platform.machine(),
                          "threads": a.threads, "torch": torch.__version__},
               "eps": a.eps, "iterations": a.iterations, "results": rows}
@@ -186,6 +190,8 @@ def main(argv: List[str] = None) -> int:
     print("width shape  batch       crown   every layer    last layer  auto_LiRPA alpha")
     for r in rows:
         m, s = r["margin_sum"], r["seconds"]
+        if "alpha-crown" not in m:
+            continue
         cells = [f"{m[k]:8.4f} {s[k]:5.1f}s" if k in m else f"{'-':>14s}"
                  for k in ("alpha-crown", "alpha-crown-last", "auto_LiRPA alpha-CROWN")]
         print(f"{r['width']:5d} {r['shape']:6s} {r['batch']:5d} {m['crown']:11.4f} "

@@ -109,7 +109,8 @@ def test_bench_bab_quick_writes_json(tmp_path):
     res = json.loads(out.read_text())
     n = res["config"]["instances"]
     assert n >= 1 and res["config"]["quick"] is True and res["conflicts"] == []
-    assert set(res["variants"]) == {"clamp-only", "beta", "beta+warm", "beta+warm+recompute"}
+    assert set(res["variants"]) == {"clamp-only", "beta", "beta+warm", "beta+warm+refine",
+                                    "beta+warm+recompute"}
     for v in res["variants"].values():
         assert len(v["per_instance"]) == n
         assert v["solved"] == v["certified"] + v["attacked"] and v["solved"] + v["unknown"] == n
@@ -132,6 +133,29 @@ def test_bench_bab_cnn7_quick_writes_json(tmp_path, shared_data):
     res = json.loads(out.read_text())
     n = len(res["bab_samples"])
     assert sum(res["before_bab"].values()) == res["args"]["samples"]
-    assert set(res["variants"]) == {"reuse", "recompute"}
+    assert set(res["variants"]) == {"reuse", "refine"}
     for v in res["variants"].values():
         assert v["certified"] + v["attacked"] + v["unknown"] == n
+
+
+@pytest.mark.slow
+def test_bench_vs_abcrown_quick(tmp_path, shared_data):
+    """``benchmarks/bench_vs_abcrown.py --quick`` with a real alpha,beta-CROWN
+    (``$ADCERT_ABCROWN``; skipped without it): both verifiers decide the same samples' fates
+    without contradiction and the JSON records both runs."""
+    abcrown = os.environ.get("ADCERT_ABCROWN")
+    if not abcrown or not os.path.isfile(abcrown):
+        pytest.skip("ADCERT_ABCROWN does not point at alpha,beta-CROWN's abcrown.py")
+    out = tmp_path / "vs.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_vs_abcrown.py"),
+                           "--quick", "--abcrown", abcrown, "--data-dir", str(shared_data),
+                           "--work", str(tmp_path / "work"), "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, \
+        f"bench_vs_abcrown.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    assert res["contradictions"] == [] and set(res["runs"]) == {"adcert", "abcrown"}
+    for run in res["runs"].values():
+        assert len(run["verdicts"]) == res["args"]["samples"]

@@ -35,7 +35,8 @@ Options (unknown ones raise ``TypeError``):
   activation (as ``relu_bounds`` returns them): bounds of every activation's input KNOWN to hold
   over the box (and ``splits``), e.g. a branch-and-bound parent's. They replace CROWN's
   intermediate pass (intersected with IBP's boxes and the split clamps): one backward walk
-  instead of one per layer. The result is only as sound as they are.
+  instead of one per layer. The result is only as sound as they are. ``refine_interm`` (False):
+  run CROWN's intermediate pass anyway, starting from them (tighter, at CROWN's cost).
 * ``splits`` (all three): ``{relu_index: tensor [B, *relu shape]}`` with ``+1`` (neuron forced
   active: input lower bound clamped to >= 0), ``-1`` (forced inactive: upper bound clamped to
   <= 0) or ``0``; the bound then holds on that sub-domain of the box (branch-and-bound).
@@ -80,7 +81,8 @@ Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
 
 COMMON_OPTIONS = ("splits",)
-CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements", "patches", "interm_boxes")
+CROWN_OPTIONS = COMMON_OPTIONS + ("max_spec_elements", "patches", "interm_boxes",
+                                  "refine_interm")
 ALPHA_OPTIONS = CROWN_OPTIONS + ("iterations", "lr", "lr_decay", "patience", "tol", "beta",
                                  "lr_beta", "init_alphas", "init_betas", "alpha_out",
                                  "intermediate", "max_alpha_elements")
@@ -325,10 +327,10 @@ def parse_options(method: str, options, known, device="cpu") -> dict:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"max_spec_elements: expected a positive int, got {m!r}")
     out["max_spec_elements"] = m
-    for name in ("patches", "intermediate"):
-        if not isinstance(out.get(name, True), bool):
+    for name, default in (("patches", True), ("intermediate", True), ("refine_interm", False)):
+        if not isinstance(out.get(name, default), bool):
             raise ValueError(f"{name}: expected a bool, got {out[name]!r}")
-        out[name] = out.get(name, True)
+        out[name] = out.get(name, default)
     key = "cpu" if torch.device(device).type == "cpu" else "other"
     m = out.get("max_alpha_elements", DEFAULT_MAX_ALPHA_ELEMENTS[key])
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
@@ -373,6 +375,9 @@ def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
                      for k, b in enumerate(ibp_boxes)]
         elif opts.get("interm_boxes") is not None:
             boxes = given_boxes(opts["interm_boxes"], ibp_boxes, splits)
+            if opts["refine_interm"]:
+                boxes = crown_intermediate(low, mu, r, boxes, splits, opts["max_spec_elements"],
+                                           patches=opts["patches"])
         else:
             boxes = crown_intermediate(low, mu, r, ibp_boxes, splits, opts["max_spec_elements"],
                                        patches=opts["patches"])
@@ -414,6 +419,9 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
                      for k, b in enumerate(ibp_relu)]
         elif opts.get("interm_boxes") is not None:
             boxes = given_boxes(opts["interm_boxes"], ibp_relu, splits)
+            if opts["refine_interm"]:
+                boxes = crown_intermediate(low, mu, r, boxes, splits,
+                                           opts["max_spec_elements"], backward, opts["patches"])
         else:
             boxes = crown_intermediate(low, mu, r, ibp_relu, splits,
                                        opts["max_spec_elements"], backward, opts["patches"])

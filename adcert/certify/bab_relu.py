@@ -74,6 +74,7 @@ Tensor = torch.Tensor
 
 BAB_METHODS = ("crown", "alpha-crown")
 BRANCHING = ("babsr", "fsb", "width")
+BOXES = ("reuse", "refine", "recompute")
 FSB_CANDIDATES = 3  # candidates looked ahead per domain with branching="fsb"
 # bound options used with ``beta`` unless ``bound_options`` overrides them: a cold-started domain
 # (the root, or every domain with ``warm_start=False``) starts its multipliers at 0, so they need
@@ -85,6 +86,8 @@ BETA_BOUND_DEFAULTS = {"iterations": 50, "lr": 0.2, "lr_beta": 0.2}
 # layer's slopes are re-optimised (alpha,beta-CROWN's BaB does the same; the intermediate bounds
 # come from CROWN and the split clamps), with a short early stop: a domain is one of many
 BAB_ALPHA_DEFAULTS = {"intermediate": False, "lr": 0.1, "patience": 5, "tol": 1e-4}
+# Adam steps of the root's alpha-CROWN over every layer (the alpha-crown stage's default)
+ROOT_ITERATIONS = 20
 # Adam steps for a warm-started (non-root) domain
 WARM_ITERATIONS = 15
 # (slopes, multipliers) of a batch of domains: one [n, S, *relu shape] tensor per ReLU each
@@ -108,9 +111,11 @@ class ReluSplitBaB:
             multipliers (alpha-crown only; default: True with alpha-crown).
         warm_iterations: Adam steps for a warm-started domain (int >= 0; the root uses
             ``iterations`` of ``bound_options``).
-        reuse_boxes: bound a domain with its parent's ReLU input boxes (clamped by its splits)
-            instead of recomputing them by CROWN: one backward walk per domain instead of one
-            per layer (see the module docstring). Default True.
+        boxes: the ReLU input boxes a domain is bounded with. ``"reuse"`` (default): its
+            parent's, clamped by its splits (one backward walk per domain); ``"refine"``: its
+            parent's tightened by CROWN under its splits (one walk per layer and domain: tighter,
+            fewer domains, each far dearer on a large net); ``"recompute"``: CROWN's from IBP's
+            boxes, ignoring the parent's (the behaviour before reuse; looser than ``refine``).
         max_domains: the most domains bounded per sample before giving up.
         batch: domains bounded per ``compute_bounds`` call.
         attack_every, pgd_steps, restarts: the PGD schedule (``attack_every=0``: never attack).
@@ -125,7 +130,7 @@ class ReluSplitBaB:
                  pgd_steps: int = 20, restarts: int = 8, beta: Optional[bool] = None,
                  bound_options: Optional[Dict[str, Any]] = None, branching: str = "babsr",
                  warm_start: Optional[bool] = None, warm_iterations: int = WARM_ITERATIONS,
-                 reuse_boxes: bool = True):
+                 boxes: str = "reuse"):
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
         if method not in BAB_METHODS:
@@ -153,9 +158,9 @@ class ReluSplitBaB:
         if isinstance(warm_iterations, bool) or not isinstance(warm_iterations, int) or \
                 warm_iterations < 0:
             raise ValueError(f"warm_iterations: expected an int >= 0, got {warm_iterations!r}")
-        if not isinstance(reuse_boxes, bool):
-            raise ValueError(f"reuse_boxes: expected a bool, got {reuse_boxes!r}")
-        self.reuse_boxes = reuse_boxes
+        if boxes not in BOXES:
+            raise ValueError(f"boxes: expected one of {BOXES}, got {boxes!r}")
+        self.boxes = boxes
         self.warm_start, self.warm_iterations = warm_start, warm_iterations
         self.beta, self.branching = beta, branching
         defaults = dict(BAB_ALPHA_DEFAULTS if method == "alpha-crown" else {},
@@ -179,7 +184,8 @@ class ReluSplitBaB:
         with ``warm_start`` the optimised slopes and multipliers (:data:`Warm`), else ``None``).
         ``warm``: slopes and multipliers to start from; ``parent``: ReLU input boxes
         ``[(lo, up)]`` (each ``[n, *shape_k]``) valid over each domain, used instead of CROWN's
-        intermediate pass (``reuse_boxes``); ``extra``: bound options overriding
+        intermediate pass (``boxes="reuse"``) or as its start (``"refine"``); ``extra``: bound
+        options overriding
         ``bound_options``."""
         from adcert.bounds import compute_bounds
 
@@ -187,6 +193,7 @@ class ReluSplitBaB:
         kw = dict(self.bound_options, **extra)
         if parent is not None:
             kw["interm_boxes"] = parent
+            kw["refine_interm"] = self.boxes == "refine"
         if splits is not None:
             kw["splits"] = splits
             if self.beta:
@@ -266,9 +273,12 @@ class ReluSplitBaB:
         start = time.monotonic()
         limit = _limit(self.timeout, limit)
         prog = self._progress = {"domains": 1, "rounds": 0}
-        # the root with every layer's slopes optimised: its boxes are every domain's start
-        root_kw = {"intermediate": True} if self.method == "alpha-crown" and \
-            "intermediate" not in self.user_options else {}
+        # the root with every layer's slopes optimised (alpha-CROWN's own step count: it has no
+        # split multipliers to learn): its boxes are every domain's start
+        root_kw = {}
+        if self.method == "alpha-crown" and "intermediate" not in self.user_options:
+            root_kw = {"intermediate": True,
+                       "iterations": self.user_options.get("iterations", ROOT_ITERATIONS)}
         worst, boxes, warm = self._bound(model, x, y, eps, None, **root_kw)
         if bool(worst[0] > 0):
             return "certified", float(worst[0]), None
@@ -279,8 +289,9 @@ class ReluSplitBaB:
             low = None
         # the queue: one stacked split tensor [N, *shape_k] per ReLU layer
         queue = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes]
-        # with reuse_boxes: each queued domain's ReLU input boxes (its parent's), [N, *shape_k]
-        q_boxes = [(lo.detach(), up.detach()) for lo, up in boxes] if self.reuse_boxes else None
+        # each queued domain's ReLU input boxes (its parent's), [N, *shape_k]
+        q_boxes = None if self.boxes == "recompute" else \
+            [(lo.detach(), up.detach()) for lo, up in boxes]
         # with warm_start: each queued domain's starting slopes and multipliers, [N, S, *shape_k]
         q_warm = warm
         warm_kw = {"iterations": self.warm_iterations} if warm is not None else {}

@@ -215,6 +215,9 @@ def make_stage(name: str, num_classes: int, sound: bool = True, timeout: Optiona
     if name == "bab-relu":
         from adcert.certify.bab_relu import ReluSplitBaB
 
+        # the papers' verifier is alpha,beta-CROWN: optimised slopes, split multipliers, warm
+        # starts (method "crown" is the cheaper clamp-only search)
+        opts.setdefault("method", "alpha-crown")
         return ReluSplitBaB(sound=sound, timeout=timeout, **opts)
     if name == "abcrown":  # the external alpha,beta-CROWN (its float certificate, not sound)
         from adcert.certify.abcrown import AbcrownStage
