@@ -76,7 +76,9 @@ class Patches:
 
     def gather(self, t: Tensor) -> Tensor:
         """``t: [B, C, H, W]`` (or ``[B, 1, C, H, W]``) at every window entry:
-        ``[B, S, C, ph, pw]`` (0 outside the map)."""
+        ``[B, S, C, ph, pw]``. Entries outside the map hold the value at the nearest map
+        position (finite, not 0): every use multiplies them by ``data``, which is 0 there (the
+        class invariant), so masking them again would only cost a pass over the window."""
         if t.dim() == 5:
             t = t[:, 0]
         flat, inside = self.index()
@@ -85,8 +87,7 @@ class Patches:
         C = t.shape[1]
         vals = t.reshape(B, C, H * W).gather(2, flat.expand(B, C, flat.shape[-1]))
         ph, pw = self.window
-        vals = vals.reshape(B, C, S, ph, pw).permute(0, 2, 1, 3, 4)
-        return vals * inside.unsqueeze(2).to(vals.dtype)
+        return vals.reshape(B, C, S, ph, pw).permute(0, 2, 1, 3, 4)
 
     def to_dense(self) -> Tensor:
         """``[B, S, C, H, W]``: every row's coefficients on the whole map."""

@@ -142,15 +142,17 @@ class ReluPiece(Piece):
         # the relaxation's lines on the map, then per row: the window's (patches) or the whole
         # map's, broadcast over the rows
         lines = self.lines(lo, up, walk.sound, alpha)
-        if patches:
+        if patches:  # the lines on every row's window (m_z only for the sound error terms;
+            # with window-form slopes [B, S, C, ph, pw], the unstable mask too)
             C = lo.shape[1]
-            if alpha is None:
-                lo_slope, slope, icpt, m_z = A.gather(torch.cat(lines, 1)).split(C, dim=2)
-            else:  # window-form slopes [B, S, C, ph, pw]: the unstable mask on the windows too
-                mask = self._unstable.to(lo.dtype)
-                lo_slope, slope, icpt, m_z, unstable = \
-                    A.gather(torch.cat(lines + (mask,), 1)).split(C, dim=2)
-                lo_slope = torch.where(unstable > 0, alpha.clamp(0, 1), lo_slope)
+            want = lines if walk.sound else lines[:3]
+            if alpha is not None:
+                want = want + (self._unstable.to(lo.dtype),)
+            got = list(A.gather(torch.cat(want, 1)).split(C, dim=2))
+            lo_slope, slope, icpt = got[:3]
+            m_z = got[3] if walk.sound else None
+            if alpha is not None:
+                lo_slope = torch.where(got[-1] > 0, alpha.clamp(0, 1), lo_slope)
             data = A.data
         else:
             lo_slope, slope, icpt, m_z = (t.unsqueeze(1) for t in lines)
