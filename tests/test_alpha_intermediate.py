@@ -154,3 +154,15 @@ def test_optimisation_stops_once_every_margin_is_verified(case):
     start = {}
     compute_bounds(model, x, EPS, method="alpha-crown", y=labels, iterations=0, alpha_out=start)
     assert any(not torch.equal(a, start["alphas"][k]) for k, a in moved["alphas"].items())
+
+
+def test_checkpointed_walks_give_the_same_optimisation(case, monkeypatch):
+    """Checkpointing the intermediate walks (large nets) re-runs them in the backward pass: the
+    same gradients, so the same bounds as keeping their graphs."""
+    import adcert.bounds.alpha_intermediate as ai
+
+    model, x, y = case
+    kept = compute_bounds(model, x, EPS, method="alpha-crown", y=y, iterations=5)
+    monkeypatch.setattr(ai, "CHECKPOINT_ELEMENTS", 0)
+    redone = compute_bounds(model, x, EPS, method="alpha-crown", y=y, iterations=5)
+    torch.testing.assert_close(redone, kept, rtol=1e-10, atol=1e-12)

@@ -18,6 +18,9 @@ tighter box of an unstable ReLU gives a tighter chord).
   the best copy); past the budget a walk's slopes for activation ``j`` are SHARED by all rows of
   layer ``k`` that bound a lower end (one map ``[B, *shape_j]``) and by all that bound an upper
   end (a second map) -- looser, but the memory of one map.
+* Memory of the optimisation itself: one iteration differentiates through every intermediate
+  walk; past :data:`CHECKPOINT_ELEMENTS` the walks are checkpointed (recomputed in the backward
+  pass, one walk's graph alive at a time).
 
 Every slope in ``[0, 1]`` gives a valid bound, so every iterate is sound in exact arithmetic;
 the bank keeps, per row, the slopes of the iteration that gave that row its best bound
@@ -27,14 +30,22 @@ last iterate's), which the sound mode re-runs with its rigorous walk.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from adcert.bounds.layers.base import Box, Lowered
+from adcert.bounds.layers.base import Box, Lowered, fresh_relaxations
 from adcert.bounds.patches import Patches
 
 Tensor = torch.Tensor
+
+#: Past this estimate of one iteration's autograd graph (elements), the intermediate walks are
+#: checkpointed: each is re-run in the backward pass instead of keeping its graph. CNN7 width 64,
+#: MNIST shape (estimate 2.7e9): peak memory 23.7 GB -> 1.6 GB, and faster (less paging); width
+#: 16 (8.9e7) keeps its graphs: checkpointing there cost 1.4x the time.
+CHECKPOINT_ELEMENTS = 2 ** 28
 
 #: Default ``max_alpha_elements`` by device type: per-row slope elements in all.
 DEFAULT_MAX_ALPHA_ELEMENTS = {"cpu": 2 ** 24, "other": 2 ** 26}
@@ -132,6 +143,7 @@ class IntermediateRows:
 
         self.low, self.ref, self.splits = low, ref_boxes, splits
         self.plans: List[Optional[Tuple[int, tuple, bool, List[Tensor]]]] = []
+        self.graph_elements = 0
         for k, at in enumerate(low.relu_at):
             end = low.relu_input_end(k)
             lo, up = ref_boxes[k]
@@ -148,6 +160,9 @@ class IntermediateRows:
             chunk = max(1, max_elems // max(1, 2 * B * row_size(low, at, windows)))
             parts = [idx[:, s:s + chunk] for s in range(0, n_max, chunk)]
             self.plans.append((end, shape, windows, parts))
+            # what one iteration's autograd graph keeps of this layer's walks, roughly: every
+            # piece's coefficients at its widest
+            self.graph_elements += 2 * B * n_max * row_size(low, at, windows) * at
 
     def __bool__(self) -> bool:
         return any(p is not None for p in self.plans)
@@ -175,9 +190,15 @@ class IntermediateRows:
             lo, up = self.ref[k]
             lo_f, up_f = lo.flatten(1), up.flatten(1)
             for c, part in enumerate(parts):
-                c_lo, c_up = neuron_bounds(low=self.low, end=end, idx=part, shape=shape,
-                                           mu=mu, r=r, boxes=boxes, backward=backward,
-                                           patches=windows, alphas=bank.select(k, c))
+                walk = partial(_walk, neuron_bounds, self.low, end, part, shape, mu, r,
+                               backward, windows, bank, k, c)
+                if optimising and torch.is_grad_enabled() and \
+                        self.graph_elements > CHECKPOINT_ELEMENTS:
+                    # checkpointed: only the chunk's inputs and bounds stay for the backward
+                    # pass, which re-runs the walk (one chunk's graph at a time)
+                    c_lo, c_up = checkpoint(walk, *_box_tensors(boxes), use_reentrant=False)
+                else:
+                    c_lo, c_up = walk(*_box_tensors(boxes))
                 if optimising:
                     bank.record(k, c, torch.cat([c_lo, -c_up], 1))
                 i_lo = torch.maximum(lo_f.gather(1, part), c_lo)
@@ -189,3 +210,18 @@ class IntermediateRows:
             box = (lo_f.reshape(lo.shape), up_f.reshape(up.shape))
             boxes.append(apply_split(box, None if self.splits is None else self.splits.get(k)))
         return boxes
+
+
+def _box_tensors(boxes: List[Box]) -> List[Tensor]:
+    return [t for box in boxes for t in box]
+
+
+def _walk(neuron_bounds, low, end, part, shape, mu, r, backward, windows, bank, k, c,
+          *flat: Tensor) -> Box:
+    """One intermediate walk (chunk ``c`` of layer ``k``) over the boxes ``flat`` (``lo, up``
+    of every activation before it, flattened: explicit inputs for the checkpoint), with fresh
+    relaxations (see :func:`adcert.bounds.layers.base.fresh_relaxations`)."""
+    boxes = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+    with fresh_relaxations():
+        return neuron_bounds(low=low, end=end, idx=part, shape=shape, mu=mu, r=r, boxes=boxes,
+                             backward=backward, patches=windows, alphas=bank.select(k, c))

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from adcert.bounds.layers.base import Back, Box, Piece, Tensor, Walk, feature_sum
+from adcert.bounds.layers.base import Back, Box, Piece, Tensor, Walk, feature_sum, memo_enabled
 from adcert.bounds.patches import Patches
 from adcert.ops._rounding import down, gamma, up
 
@@ -72,7 +72,7 @@ class AffinePiece(Piece):
         the source box. Memoised for the box it was computed from: every chunk of a walk's rows
         reuses it."""
         box = walk.hook.out_boxes[self.src]
-        memo = getattr(self, "_error_weights", None)
+        memo = getattr(self, "_error_weights", None) if memo_enabled() else None
         if memo is not None and memo[0] is box[0]:
             return memo[1]
         dtype = box[0].dtype
@@ -82,7 +82,8 @@ class AffinePiece(Piece):
         if self.bias is not None:
             n = math.prod(self.out_shape) + self.coef_rel_err + 1
             q = q + 2 * gamma(n, dtype) * self.bias_view(self._bias_mag(), q.dim())
-        self._error_weights = (box[0], q)
+        if memo_enabled():
+            self._error_weights = (box[0], q)
         return q
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:

@@ -22,6 +22,8 @@ Boxes: ``(mu, r)`` centre-radius for IBP, ``(L, U)`` end points for sound passes
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -169,6 +171,27 @@ class Piece:
         """Activations with optimisable relaxations: the initial ``alpha: [B, *shape]`` in
         ``[0, 1]`` that reproduces the CROWN relaxation, else ``None``."""
         return None
+
+
+_FRESH = [0]  # > 0 inside fresh_relaxations()
+
+
+@contextlib.contextmanager
+def fresh_relaxations():
+    """Within this context the relaxation memos (ReLU lines, max-pooling and S-shaped
+    relaxations, error weights) neither serve nor keep results: every walk computes its own.
+    Gradient checkpointing needs it (a recomputed walk must run the ops the first one ran,
+    whatever the memo held in between)."""
+    _FRESH[0] += 1
+    try:
+        yield
+    finally:
+        _FRESH[0] -= 1
+
+
+def memo_enabled() -> bool:
+    """Whether the relaxation memos may be used (see :func:`fresh_relaxations`)."""
+    return _FRESH[0] == 0
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, \
-    Tensor, Walk, feature_sum
+    Tensor, Walk, feature_sum, memo_enabled
 from adcert.bounds.registry import register_call, register_module, unsupported_call
 from adcert.ops._rounding import gamma
 
@@ -80,7 +80,7 @@ class MaxPoolPiece(Piece):
         """``(index, dominant, max_upper)``, each ``[B, C, P]``: the flat input index (into
         ``H*W``) of every window's ``i*``, whether it dominates, and the window's largest upper
         bound. Memoised for the boxes it was computed from (alpha-CROWN reuses them)."""
-        memo = self._memo
+        memo = self._memo if memo_enabled() else None
         if memo is not None and memo[0] is lo and memo[1] is up:
             return memo[2]
         B, C, H, W = lo.shape
@@ -97,7 +97,8 @@ class MaxPoolPiece(Piece):
         index = iw.expand(B * C, -1, -1).gather(1, star)[:, 0].long()
         P = index.shape[-1]
         out = (index.reshape(B, C, P), dominant.reshape(B, C, P), max_upper.reshape(B, C, P))
-        self._memo = (lo, up, out)
+        if memo_enabled():
+            self._memo = (lo, up, out)
         return out
 
     def backward(self, A: Tensor, walk: Walk) -> Back:

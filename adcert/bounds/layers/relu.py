@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from adcert import ops
 from adcert.bounds.registry import register_call
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, Tensor, \
-    Walk, feature_sum
+    Walk, feature_sum, memo_enabled
 from adcert.bounds.patches import Patches
 from adcert.ops._rounding import gamma, unit_roundoff
 
@@ -171,8 +171,9 @@ class ReluPiece(Piece):
         """``(lower slope, upper slope, upper intercept, max(|l|, |u|))`` on the map
         ``[B, *shape]`` (CROWN's adaptive lower slope; sound: the chord rounded up). Memoised
         for the boxes they were computed from (a walk's row chunks reuse them)."""
-        memo = getattr(self, "_lines", None)
+        memo = getattr(self, "_lines", None) if memo_enabled() else None
         if memo is not None and memo[0] is lo and memo[1] is up and memo[2] == sound:
+            self._unstable = memo[4]
             return memo[3]
         active, unstable, slope, icpt = relu_lines(lo, up)
         if sound:  # any larger slope through (l, 0) and larger intercept is still an upper line
@@ -182,7 +183,8 @@ class ReluPiece(Piece):
         lo_slope = torch.where(unstable, adaptive_alpha(lo, up), active.to(lo.dtype))
         out = (lo_slope, slope, icpt, torch.maximum(lo.abs(), up.abs()))
         self._unstable = unstable
-        self._lines = (lo, up, sound, out)
+        if memo_enabled():
+            self._lines = (lo, up, sound, out, unstable)
         return out
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, \
-    Tensor, Walk, feature_sum
+    Tensor, Walk, feature_sum, memo_enabled
 from adcert.bounds.registry import register_call, register_module
 from adcert.ops._rounding import down, gamma, unit_roundoff, up
 
@@ -124,11 +124,12 @@ class SShapePiece(Piece):
         return sound_image(self.fn, L, U)
 
     def _chord(self, lo: Tensor, up: Tensor) -> Tensor:
-        memo = self._memo
+        memo = self._memo if memo_enabled() else None
         if memo is not None and memo[0] is lo and memo[1] is up:
             return memo[2]
         d = chord_point(self.fn, lo, up)
-        self._memo = (lo, up, d)
+        if memo_enabled():
+            self._memo = (lo, up, d)
         return d
 
     def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor:
