@@ -186,8 +186,9 @@ def main(argv: List[str] = None) -> int:
                  if "crown_over_lirpa" in r else f"{'-':>16s}  {'-':>16s}")
         print(f"{r['width']:5d} {r['shape']:6s} {r['batch']:5d} {s['crown']:7.2f} "
               f"{s['crown-sound']:6.2f} {r['sound_over_plain']:12.2f} {lirpa}")
-    print("\nalpha-CROWN, margin lower bounds summed (higher is tighter) and seconds")
-    print("width shape  batch       crown   every layer    last layer  auto_LiRPA alpha")
+    if any("alpha-crown" in r["margin_sum"] for r in rows):
+        print("\nalpha-CROWN, margin lower bounds summed (higher is tighter) and seconds")
+        print("width shape  batch       crown   every layer    last layer  auto_LiRPA alpha")
     for r in rows:
         m, s = r["margin_sum"], r["seconds"]
         if "alpha-crown" not in m:

@@ -20,9 +20,11 @@ iteration 0 is the clamp-only bound), optimised jointly with the slopes by the s
 (learning rate ``lr_beta``) and projected to ``>= 0`` after every step; keep-best keeps the
 multipliers with the slopes. The split clamps of the intermediate boxes stay (still valid).
 
-The intermediate (ReLU input) bounds are given and fixed; the optimisation runs under
-``enable_grad`` for the slopes only (the parameters and boxes must be detached), and the result
-is detached.
+The intermediate (ReLU input) bounds are given and fixed, unless an
+:class:`~adcert.bounds.alpha_intermediate.IntermediateRows` is passed: then they are recomputed at
+every step with slopes of their own, optimised together with these (alpha-CROWN over every
+layer, :mod:`adcert.bounds.alpha_intermediate`). The optimisation runs under ``enable_grad`` for
+the slopes only (the parameters and reference boxes are detached), and the result is detached.
 
 Options: ``iterations`` (int >= 0, default 20: Adam steps), ``lr`` (float > 0, default 0.3),
 ``lr_decay`` (in ``(0, 1]``, default 0.98: the learning rate is multiplied by it after every step),

@@ -44,8 +44,8 @@ Tensor = torch.Tensor
 #: Past this estimate of one iteration's autograd graph (elements), the intermediate walks are
 #: checkpointed: each is re-run in the backward pass instead of keeping its graph. CNN7 width 64,
 #: MNIST shape (estimate 2.7e9): peak memory 23.7 GB -> 1.6 GB, and faster (less paging); width
-#: 16 (8.9e7) keeps its graphs: checkpointing there cost 1.4x the time.
-CHECKPOINT_ELEMENTS = 2 ** 28
+#: 16 keeps its graphs (estimates 8.9e7 MNIST, 3.9e8 CIFAR): checkpointing cost 1.4x the time.
+CHECKPOINT_ELEMENTS = 2 ** 29
 
 #: Default ``max_alpha_elements`` by device type: per-row slope elements in all.
 DEFAULT_MAX_ALPHA_ELEMENTS = {"cpu": 2 ** 24, "other": 2 ** 26}
