@@ -184,17 +184,21 @@ def main(argv=None) -> int:
             bad.append(open_idx[i])
     if bad:
         print(f"SOUNDNESS: variants disagree (certified vs attacked) on samples {bad}")
-    out_path = a.out or os.path.join(a.work, "bab_cnn7.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
+    write_json(a.out or os.path.join(a.work, "bab_cnn7.json"), a,
+               {"before_bab": {s: status.count(s) for s in set(status)},
+                "before_bab_seconds": pre_s, "bab_samples": open_idx, "variants": rows})
+    return 1 if bad else 0
+
+
+def write_json(path: str, a, results: Dict[str, Any]) -> None:
+    """``results`` with the arguments and the machine, to ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump({"args": vars(a), "device": {"name": platform.processor() or
                                                platform.machine(), "threads": a.threads,
-                                               "torch": torch.__version__},
-                   "before_bab": {s: status.count(s) for s in set(status)},
-                   "before_bab_seconds": pre_s, "bab_samples": open_idx, "variants": rows},
+                                               "torch": torch.__version__}, **results},
                   f, indent=1, default=str)
-    print(f"wrote {out_path}")
-    return 1 if bad else 0
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ exit status 1). abcrown's certificates are floating-point ones, ours are roundin
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -104,14 +102,8 @@ def main(argv=None) -> int:
             print(f"{i:6d}  {ours[i]:10s} ({st or '-':12s})  {theirs[i]}")
     both = sum(1 for i in range(a.samples) if ours[i] == theirs[i])
     print(f"\nsame verdict on {both} of {a.samples}; contradictions: {bad or 'none'}")
-    out = a.out or os.path.join(a.work, "vs_abcrown.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"args": vars(a), "device": {"name": platform.processor() or
-                                               platform.machine(), "threads": a.threads,
-                                               "torch": torch.__version__},
-                   "runs": runs, "differ": differ, "contradictions": bad}, f, indent=1)
-    print(f"wrote {out}")
+    bench_bab_cnn7.write_json(a.out or os.path.join(a.work, "vs_abcrown.json"), a,
+                              {"runs": runs, "differ": differ, "contradictions": bad})
     return 1 if bad else 0
 
 
