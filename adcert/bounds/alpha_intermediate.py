@@ -157,12 +157,13 @@ class IntermediateRows:
                 continue
             windows = patches and len(shape) == 3
             B = lo.shape[0]
-            chunk = max(1, max_elems // max(1, 2 * B * row_size(low, at, windows)))
+            widest = row_size(low, at, windows)
+            chunk = max(1, max_elems // max(1, 2 * B * widest))
             parts = [idx[:, s:s + chunk] for s in range(0, n_max, chunk)]
             self.plans.append((end, shape, windows, parts))
             # what one iteration's autograd graph keeps of this layer's walks, roughly: every
-            # piece's coefficients at its widest
-            self.graph_elements += 2 * B * n_max * row_size(low, at, windows) * at
+            # piece's coefficients at their widest
+            self.graph_elements += 2 * B * n_max * widest * at
 
     def __bool__(self) -> bool:
         return any(p is not None for p in self.plans)
