@@ -222,8 +222,8 @@ def optimize_alpha_beta(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Ten
                     best_boxes = [(torch.maximum(bl, lo.detach()), torch.minimum(bu, up.detach()))
                                   for (bl, bu), (lo, up) in zip(best_boxes, cur)]
             if it == 0:  # the bank's slopes exist once the first walks have made them
-                groups = ([{"params": params + (bank.params() if bank else []),
-                            "lr": o["lr"]}] if params or bank and bank.params() else []) + \
+                slopes = params + (bank.params() if bank is not None else [])
+                groups = ([{"params": slopes, "lr": o["lr"]}] if slopes else []) + \
                     ([{"params": beta_params, "lr": o["lr_beta"]}] if beta_params else [])
                 opt = torch.optim.Adam(groups) if groups else None
             if it == o["iterations"] or opt is None or not lb.requires_grad:

@@ -339,6 +339,20 @@ def parse_options(method: str, options, known, device="cpu") -> dict:
     return out
 
 
+def activation_boxes(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box], splits,
+                     opts: dict, backward=backward_lower) -> List[Box]:
+    """Every activation's input box for crown / alpha-crown: CROWN's from IBP's, or the given
+    ``interm_boxes`` (with ``refine_interm``: CROWN's from those). ``backward``: the walk (the
+    sound mode passes its own)."""
+    start = ibp_boxes
+    if opts.get("interm_boxes") is not None:
+        start = given_boxes(opts["interm_boxes"], ibp_boxes, splits)
+        if not opts["refine_interm"]:
+            return start
+    return crown_intermediate(low, mu, r, start, splits, opts["max_spec_elements"], backward,
+                              opts["patches"])
+
+
 def intermediate_rows(low: Lowered, boxes: List[Box], splits, opts: dict):
     """alpha-CROWN's intermediate rows and slope bank (``(None, None)`` with
     ``intermediate=False`` or when no intermediate bound can tighten)."""
@@ -373,14 +387,8 @@ def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):
             ibp_steps(steps, mu, r, stats, ibp_boxes)
             boxes = [apply_split(b, None if splits is None else splits.get(k))
                      for k, b in enumerate(ibp_boxes)]
-        elif opts.get("interm_boxes") is not None:
-            boxes = given_boxes(opts["interm_boxes"], ibp_boxes, splits)
-            if opts["refine_interm"]:
-                boxes = crown_intermediate(low, mu, r, boxes, splits, opts["max_spec_elements"],
-                                           patches=opts["patches"])
         else:
-            boxes = crown_intermediate(low, mu, r, ibp_boxes, splits, opts["max_spec_elements"],
-                                       patches=opts["patches"])
+            boxes = activation_boxes(low, mu, r, ibp_boxes, splits, opts)
         end = len(low.ops)
         if method == "alpha-crown":
             interm, bank = intermediate_rows(low, boxes, splits, opts)
@@ -417,14 +425,8 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
         if method == "crown-ibp":
             boxes = [apply_split(b, None if splits is None else splits.get(k))
                      for k, b in enumerate(ibp_relu)]
-        elif opts.get("interm_boxes") is not None:
-            boxes = given_boxes(opts["interm_boxes"], ibp_relu, splits)
-            if opts["refine_interm"]:
-                boxes = crown_intermediate(low, mu, r, boxes, splits,
-                                           opts["max_spec_elements"], backward, opts["patches"])
         else:
-            boxes = crown_intermediate(low, mu, r, ibp_relu, splits,
-                                       opts["max_spec_elements"], backward, opts["patches"])
+            boxes = activation_boxes(low, mu, r, ibp_relu, splits, opts, backward)
         end = len(low.ops)
         alphas = betas = None
         if method == "alpha-crown":

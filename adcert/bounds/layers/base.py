@@ -221,6 +221,12 @@ class Walk:
             return rows_alpha(piece, A, self.boxes[piece.act_index])
         return self.alphas.get(piece.act_index)
 
+    def has_dense_alpha(self, k: int) -> bool:
+        """Whether activation ``k`` has parameters ``[B, S, *shape]`` from a plain dict (a slope
+        bank makes its own in any row form)."""
+        return self.alphas is not None and not hasattr(self.alphas, "rows_alpha") and \
+            k in self.alphas
+
     def magnitude(self, j: int) -> Tensor:
         """``max(|l|, |u|)`` of piece ``j``'s output box, ``[B, 1, *shape]`` (sound only)."""
         return self.hook.magnitude(j)

@@ -121,9 +121,7 @@ class ReluPiece(Piece):
         """Windows pass through unless this walk records coefficients, or has dense slopes or
         multipliers for this ReLU (a slope bank makes its slopes in the windows' form)."""
         k = self.act_index
-        dense_alpha = walk.alphas is not None and not hasattr(walk.alphas, "rows_alpha") and \
-            k in walk.alphas
-        return walk.relu_coefs is None and not dense_alpha and \
+        return walk.relu_coefs is None and not walk.has_dense_alpha(k) and \
             (walk.betas is None or k not in walk.betas)
 
     def backward(self, A: Tensor, walk: Walk) -> Back:
