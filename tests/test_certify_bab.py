@@ -131,7 +131,8 @@ def test_registered_and_bad_arguments_name_the_argument():
     x, y = points(net, n=1)
     assert st.unavailable(net, x, y, EPS) is None
     for kw, name in ((dict(timeout=0), "timeout"), (dict(method="ibp"), "method"),
-                     (dict(batch=0), "max_domains, batch"),
+                     (dict(batch=0), "batch"), (dict(batch="big"), "batch"),
+                     (dict(max_domains=0), "max_domains"),
                      (dict(restarts=0), "attack_every, pgd_steps, restarts")):
         with pytest.raises(ValueError, match=f"^{name}:"):
             ReluSplitBaB(**kw)

@@ -36,12 +36,13 @@ certification tool, not a training hot loop). ``beta`` (bool, default False) and
 
 Warm start (branch-and-bound children start from their parent's optimum): ``init_alphas`` and
 ``init_betas`` (``{relu_index: [B, S, *shape_k]}``, the dtype and device of the bounds; missing
-keys keep the default start) replace the initial slopes / multipliers. They are projected first
-(slopes clamped to ``[0, 1]``, multipliers to ``>= 0``: every such value gives a valid bound, so a
-warm start can never make a bound unsound), and iteration 0 evaluates them, so keep-best returns
-a bound at least as good as the warm start's. A slope only matters on a neuron unstable in THIS
-call's boxes (a neuron that became stable ignores it) and a multiplier only on a split neuron
-(``init_betas`` is ignored without ``beta``, and for layers without any split). ``S`` is the
+keys, and ``NaN`` entries, keep the default start) replace the initial slopes / multipliers.
+They are projected first (slopes clamped to ``[0, 1]``, multipliers to ``>= 0``: every such value
+gives a valid bound, so a warm start can never make a bound unsound), and iteration 0 evaluates
+them, so keep-best returns a bound at least as good as the warm start's. A slope only matters
+on a neuron unstable in THIS call's boxes (a neuron that became stable ignores it) and a
+multiplier only on a split neuron (``init_betas`` is ignored without ``beta``, and for layers
+without any split). ``S`` is the
 number of specification rows: with ``y`` the ``C`` margin rows (the ``y`` row included), with
 ``C: [B, S', C_out]`` the ``2 S'`` rows ``[C; -C]``, else ``2 x`` the output size.
 ``alpha_out`` (a dict) receives ``{"alphas": ..., "betas": ...}``: the best slopes and (unsigned)
@@ -185,14 +186,16 @@ def optimize_alpha_beta(low: Lowered, end: int, spec: Tensor, mu: Tensor, r: Ten
         raise TypeError(f"alpha_out: expected a dict to receive the best slopes and multipliers, "
                         f"got {type(out).__name__}")
     alphas = init_alphas(low, boxes, S)
-    for k, a in warm_a.items():  # projected: any parameter in [0, 1] is valid
+    for k, a in warm_a.items():  # projected: any parameter in [0, 1] is valid; NaN: default
         if k in alphas:
-            alphas[k] = a.detach().clamp(0.0, 1.0).clone()
+            a = a.detach()
+            alphas[k] = torch.where(a.isnan(), alphas[k], a.clamp(0.0, 1.0))
     splits = opts.get("splits") if o["beta"] else None
     betas = init_betas(splits, S, spec.dtype)
-    for k, b in warm_b.items():  # projected: any multiplier >= 0 is valid
+    for k, b in warm_b.items():  # projected: any multiplier >= 0 is valid; NaN: 0
         if k in betas:
-            betas[k] = b.detach().clamp(min=0.0).clone()
+            b = b.detach()
+            betas[k] = torch.where(b.isnan(), betas[k], b.clamp(min=0.0))
     best_alpha = {k: a.clone() for k, a in alphas.items()}
     best_beta = {k: b.clone() for k, b in betas.items()}
     best: Optional[Tensor] = None

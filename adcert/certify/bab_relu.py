@@ -37,10 +37,11 @@ slopes, gets the full ``iterations``; so does the longer re-optimisation of full
 which starts from the domain's own optimum). The warm start is evaluated as iteration 0 and kept if
 nothing beats it, and any projected start is a valid relaxation, so soundness does not depend on
 it. Slopes of neurons that a split (or tighter intermediate bounds) made stable are simply unused.
-Memory: per queued domain ``2 x S x (ReLU neurons)`` numbers (slopes and multipliers for the ``S``
-margin rows, ``S`` = the number of classes), e.g. 2 x 10 x 10^4 fp64 values = 1.6 MB for a 10-class
-net with 10^4 ReLUs, so a queue of 10^4 such domains would hold 16 GB: fine for the small nets this
-stage is for, not for CNN7-sized ones (use ``warm_start=False`` there).
+Memory: per queued domain ``2 x S x u`` numbers (slopes and multipliers for the ``S`` margin
+rows), ``u`` the neurons loose at the root (:mod:`adcert.certify.domains` keeps only those; all
+of them with ``boxes="recompute"``). Domains are bounded ``batch`` at a time (default
+``"auto"``: from the free memory, see :func:`~adcert.certify.domains.auto_batch`); a bound that
+runs out of memory is retried with half the batch.
 
 With ``method="alpha-crown"`` the domains are bounded beta-CROWN style by default (``beta``):
 besides clamping the split neurons' input bounds, the final bound optimises one Lagrange
@@ -54,17 +55,20 @@ when :func:`~adcert.attacks.autoattack.verify_counterexamples` confirms it by a 
 inside the box -> ``attacked``. Certified when the queue empties; ``unknown`` (returned as an
 undecided ``None`` verdict) on ``timeout`` seconds per sample or after ``max_domains`` bounded
 domains. After :meth:`ReluSplitBaB.run`, ``last_stats`` holds one dict per sample:
-``domains`` (bounded, the root included), ``rounds``, ``seconds``, ``verdict``.
+``domains`` (bounded, the root included), ``rounds``, ``seconds``, ``verdict``, and for a
+search past the root ``batch`` (the last in use), ``queue_peak`` (the most domains queued at once)
+and ``queue_mb`` (their memory).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from adcert.certify import branching
+from adcert.certify.domains import Domains, DomainQueue, Warm, auto_batch
 
 from adcert.attacks.autoattack import verify_counterexamples
 from adcert.certify.bab import _limit
@@ -90,8 +94,6 @@ BAB_ALPHA_DEFAULTS = {"intermediate": False, "lr": 0.1, "patience": 5, "tol": 1e
 ROOT_ITERATIONS = 20
 # Adam steps for a warm-started (non-root) domain
 WARM_ITERATIONS = 15
-# (slopes, multipliers) of a batch of domains: one [n, S, *relu shape] tensor per ReLU each
-Warm = Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]  # None: a layer without them
 
 
 class ReluSplitBaB:
@@ -117,7 +119,10 @@ class ReluSplitBaB:
             fewer domains, each far dearer on a large net); ``"recompute"``: CROWN's from IBP's
             boxes, ignoring the parent's (the behaviour before reuse; looser than ``refine``).
         max_domains: the most domains bounded per sample before giving up.
-        batch: domains bounded per ``compute_bounds`` call.
+        batch: domains bounded per ``compute_bounds`` call: an int, or ``"auto"`` (default):
+            as many as half the free memory holds, at most 64 on a CPU and 2048 on a GPU
+            (:func:`adcert.certify.domains.auto_batch`). Either way a call that runs out of
+            memory is retried with half as many.
         attack_every, pgd_steps, restarts: the PGD schedule (``attack_every=0``: never attack).
 
     ``run(..., time_limits=...)``: per-sample limits (s) on top of ``timeout`` (the pipeline's
@@ -126,7 +131,8 @@ class ReluSplitBaB:
     name = "bab-relu"
 
     def __init__(self, sound: bool = True, timeout: Optional[float] = None, method: str = "crown",
-                 max_domains: int = 20_000, batch: int = 64, attack_every: int = 10,
+                 max_domains: int = 20_000, batch: Union[int, str] = "auto",
+                 attack_every: int = 10,
                  pgd_steps: int = 20, restarts: int = 8, beta: Optional[bool] = None,
                  bound_options: Optional[Dict[str, Any]] = None, branching: str = "babsr",
                  warm_start: Optional[bool] = None, warm_iterations: int = WARM_ITERATIONS,
@@ -135,8 +141,11 @@ class ReluSplitBaB:
             raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
         if method not in BAB_METHODS:
             raise ValueError(f"method: expected one of {BAB_METHODS}, got {method!r}")
-        if max_domains < 1 or batch < 1:
-            raise ValueError(f"max_domains, batch: expected >= 1, got {max_domains}, {batch}")
+        if max_domains < 1:
+            raise ValueError(f"max_domains: expected >= 1, got {max_domains}")
+        if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or
+                                batch < 1):
+            raise ValueError(f"batch: expected 'auto' or an int >= 1, got {batch!r}")
         if attack_every < 0 or pgd_steps < 0 or restarts < 1:
             raise ValueError(f"attack_every, pgd_steps, restarts: expected >= 0, >= 0, >= 1, got "
                              f"{attack_every}, {pgd_steps}, {restarts}")
@@ -169,7 +178,8 @@ class ReluSplitBaB:
         self.user_options = dict(bound_options or {})
         self.last_stats: List[Dict[str, Any]] = []
         self.sound, self.timeout, self.method = bool(sound), timeout, method
-        self.max_domains, self.batch = int(max_domains), int(batch)
+        self.max_domains, self.batch = int(max_domains), batch
+        self._chunk = 1 if batch == "auto" else batch  # the batch in use (see _bound_domains)
         self.attack_every, self.pgd_steps, self.restarts = int(attack_every), int(pgd_steps), \
             int(restarts)
 
@@ -285,18 +295,17 @@ class ReluSplitBaB:
         low = self._lowered(model, x)
         # only ReLU neurons are split (Sigmoid/Tanh/max-pooling inputs are bounded, not split)
         splittable = [low.activation(k).splittable for k in range(len(boxes))]
+        self._chunk = self.batch if self.batch != "auto" else \
+            auto_batch(low, low.out_shape[0], x.element_size(), x.device)
+        queue = self._queue(low, boxes)
+        queue.push(Domains([torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes],
+                           None if self.boxes == "recompute" else
+                           [(lo.detach(), up.detach()) for lo, up in boxes], warm))
         if self.branching == "width":
             low = None
-        # the queue: one stacked split tensor [N, *shape_k] per ReLU layer
-        queue = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes]
-        # each queued domain's ReLU input boxes (its parent's), [N, *shape_k]
-        q_boxes = None if self.boxes == "recompute" else \
-            [(lo.detach(), up.detach()) for lo, up in boxes]
-        # with warm_start: each queued domain's starting slopes and multipliers, [N, S, *shape_k]
-        q_warm = warm
         warm_kw = {"iterations": self.warm_iterations} if warm is not None else {}
         seen, rounds, closed_min = 0, 0, float("inf")
-        while queue[0].shape[0]:
+        while len(queue):
             if self.attack_every and rounds % self.attack_every == 0:
                 hit = self._attack(model, x, y, eps)
                 if hit is not None:
@@ -306,20 +315,14 @@ class ReluSplitBaB:
             if seen >= self.max_domains:
                 return "unknown", None, None
             rounds += 1
-            dom = [q[:self.batch] for q in queue]
-            queue = [q[self.batch:] for q in queue]
-            d_warm = None if q_warm is None else _take(q_warm, slice(0, self.batch))
-            q_warm = None if q_warm is None else _take(q_warm, slice(self.batch, None))
-            d_boxes = None if q_boxes is None else _take_boxes(q_boxes, slice(0, self.batch))
-            q_boxes = None if q_boxes is None else _take_boxes(q_boxes, slice(self.batch, None))
-            n = dom[0].shape[0]
-            seen += n
-            prog["domains"], prog["rounds"] = seen + 1, rounds
-            worst, boxes, d_warm = self._bound(model, x.expand(n, *x.shape[1:]), y.expand(n),
-                                               eps, _relu_splits(dom, splittable), d_warm,
-                                               d_boxes, **warm_kw)
-            empty = torch.zeros(n, dtype=torch.bool, device=x.device)
-            for lo, up in boxes:
+            dom = queue.pop(self._chunk)
+            seen += len(dom)
+            prog.update(domains=seen + 1, rounds=rounds)
+            worst, dom = self._bound_domains(model, x, y, eps, dom, splittable, **warm_kw)
+            prog.update(batch=self._chunk, queue_peak=queue.peak,
+                        queue_mb=round(queue.peak_bytes / 2 ** 20, 1))
+            empty = torch.zeros(len(dom), dtype=torch.bool, device=x.device)
+            for lo, up in dom.boxes:
                 empty |= (lo > up).flatten(1).any(1)
             verified = worst > 0  # NaN compares False: never verified by its bound
             if bool((verified & ~empty).any()):
@@ -327,32 +330,15 @@ class ReluSplitBaB:
             keep = ~(verified | empty)
             if not bool(keep.any()):
                 continue
-            dom = [s[keep] for s in dom]
-            boxes = [(lo[keep], up[keep]) for lo, up in boxes]
-            d_warm = None if d_warm is None else _take(d_warm, keep)
-            # the score of every unstable, unsplit neuron, all layers flattened
-            scores = []
-            for s, (lo, up), sc, ok in zip(dom, boxes, self._scores(low, x, y, eps, boxes),
-                                           splittable):
-                unstable = (lo < 0) & (up > 0) & (s == 0) & ok
-                scores.append(torch.where(unstable, sc, torch.full_like(sc, -1.0)).flatten(1))
-            flat_scores = torch.cat(scores, 1)
-            best_score, best = flat_scores.max(1)
-            if self.branching == "fsb" and bool((best_score >= 0).any()):
-                with torch.no_grad():
-                    best = branching.fsb_choice(low, x, y, eps, boxes, flat_scores,
-                                                FSB_CANDIDATES)
+            dom = dom.take(keep)
+            best_score, best = self._choose(low, x, y, eps, dom, splittable)
             done = best_score < 0  # nothing left to split, still not verified
             if bool(done.any()) and self.beta:  # an LP: its dual needs more multiplier steps
                 it = int(self.bound_options.get("iterations", 20))
                 lr_b = float(self.bound_options.get("lr_beta", 0.05))
-                w, _, _ = self._bound(model, x.expand(int(done.sum()), *x.shape[1:]),
-                                      y.expand(int(done.sum())), eps,
-                                      _relu_splits([s[done] for s in dom], splittable),
-                                      None if d_warm is None else _take(d_warm, done),
-                                      None if d_boxes is None else _take_boxes(boxes, done),
-                                      iterations=max(4 * it, 100), patience=25,
-                                      lr_decay=0.99, lr_beta=max(4 * lr_b, 0.2))
+                w, _ = self._bound_domains(model, x, y, eps, dom.take(done), splittable,
+                                           iterations=max(4 * it, 100), patience=25,
+                                           lr_decay=0.99, lr_beta=max(4 * lr_b, 0.2))
                 closed = torch.zeros_like(done)
                 closed[done] = w > 0
                 if bool(closed.any()):
@@ -360,40 +346,80 @@ class ReluSplitBaB:
                 seen += int(done.sum())
                 prog["domains"] = seen + 1
                 keep = ~closed
-                dom, best = [s[keep] for s in dom], best[keep]
-                boxes = _take_boxes(boxes, keep)
-                d_warm = None if d_warm is None else _take(d_warm, keep)
-                done = done[keep]
+                dom, best, done = dom.take(keep), best[keep], done[keep]
             if bool(done.any()):
                 hit = self._attack(model, x, y, eps) if self.attack_every else None
                 if hit is not None:
                     return "attacked", hit[0], hit[1]
                 return "unknown", None, None
-            if not dom[0].shape[0]:
+            if not len(dom):
                 continue
-            children = []
-            offset = 0
-            for s in dom:
-                m_ = s[0].numel()
-                flat = s.flatten(1)
-                local = best - offset
-                hit = (local >= 0) & (local < m_)
-                idx = local.clamp(0, m_ - 1)[:, None]
-                pos = flat.scatter(1, idx, torch.where(hit[:, None], 1, flat.gather(1, idx))
-                                   .to(flat.dtype))
-                neg = flat.scatter(1, idx, torch.where(hit[:, None], -1, flat.gather(1, idx))
-                                   .to(flat.dtype))
-                children.append(torch.cat([pos, neg]).reshape((-1,) + tuple(s.shape[1:])))
-                offset += m_
-            queue = [torch.cat([q, c]) for q, c in zip(queue, children)]
-            if q_boxes is not None:  # both children start from the parent's boxes
-                q_boxes = [(torch.cat([ql, pl.detach(), pl.detach()]),
-                            torch.cat([qu, pu.detach(), pu.detach()]))
-                           for (ql, qu), (pl, pu) in zip(q_boxes, boxes)]
-            if d_warm is not None:  # both children start from the parent's optimum
-                q_warm = tuple([None if p is None else torch.cat([q, p, p])
-                                for q, p in zip(qs, ps)] for qs, ps in zip(q_warm, d_warm))
+            kids = dom.children(best)  # both start from the parent's boxes and optimum
+            if self.boxes == "recompute":
+                kids.boxes = None
+            queue.push(kids)
         return "certified", (closed_min if closed_min < float("inf") else None), None
+
+    def _queue(self, low, boxes: List[Tuple[Tensor, Tensor]]) -> DomainQueue:
+        """An empty queue for this search: only the root's loose neurons are stored when every
+        domain's boxes lie inside the root's (``reuse``, ``refine``; see
+        :mod:`adcert.certify.domains`)."""
+        if self.boxes == "recompute":
+            keep = [torch.ones_like(lo[0], dtype=torch.bool) for lo, _ in boxes]
+        else:
+            keep = [low.activation(k).loose(lo, up)[0] for k, (lo, up) in enumerate(boxes)]
+        return DomainQueue(boxes, keep, {"reuse": "compact", "refine": "full",
+                                         "recompute": None}[self.boxes])
+
+    def _choose(self, low, x: Tensor, y: Tensor, eps: float, dom: Domains,
+                splittable: List[bool]) -> Tuple[Tensor, Tensor]:
+        """The neuron every domain of ``dom`` (bounded: its own boxes) is split on: (best score
+        ``[n]``, ``< 0`` where no unstable neuron is left to split; its flat index over all
+        layers ``[n]``)."""
+        scores = []
+        for s, (lo, up), sc, ok in zip(dom.splits, dom.boxes,
+                                       self._scores(low, x, y, eps, dom.boxes), splittable):
+            unstable = (lo < 0) & (up > 0) & (s == 0) & ok
+            scores.append(torch.where(unstable, sc, torch.full_like(sc, -1.0)).flatten(1))
+        flat_scores = torch.cat(scores, 1)
+        best_score, best = flat_scores.max(1)
+        if self.branching == "fsb" and bool((best_score >= 0).any()):
+            with torch.no_grad():
+                best = branching.fsb_choice(low, x, y, eps, dom.boxes, flat_scores,
+                                            FSB_CANDIDATES)
+        return best_score, best
+
+    def _bound_domains(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, dom: Domains,
+                       splittable: List[bool], **extra: Any) -> Tuple[Tensor, Domains]:
+        """Bound the domains ``dom`` (``x: [1, *in]``), at most ``self._chunk`` per call; a call
+        that runs out of memory halves ``self._chunk`` and starts again. Returns (worst margin
+        lower bound ``[n]``, ``dom`` with each domain's own boxes and optimised warm start)."""
+        while True:
+            try:
+                parts = []
+                for i in range(0, len(dom), self._chunk):
+                    d = dom.take(slice(i, i + self._chunk))
+                    n = len(d)
+                    parts.append(self._bound(model, x.expand(n, *x.shape[1:]), y.expand(n), eps,
+                                             _relu_splits(d.splits, splittable), d.warm,
+                                             None if self.boxes == "recompute" else d.boxes,
+                                             **extra))
+                break
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
+                if not _out_of_memory(err) or self._chunk == 1:
+                    raise
+                parts = None
+                self._chunk = max(1, min(self._chunk, len(dom)) // 2)
+                if x.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        worst = torch.cat([p[0] for p in parts])
+        boxes = [(torch.cat([p[1][k][0] for p in parts]), torch.cat([p[1][k][1] for p in parts]))
+                 for k in range(len(parts[0][1]))]
+        warm = None
+        if parts[0][2] is not None:
+            warm = tuple([None if ts[0] is None else torch.cat(ts)
+                          for ts in zip(*[p[2][j] for p in parts])] for j in range(2))
+        return worst, Domains(dom.splits, boxes, warm)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
             time_limits: Optional[Sequence[Optional[float]]] = None) -> Outcome:
@@ -414,15 +440,12 @@ def _relu_splits(dom: List[Tensor], splittable: List[bool]) -> Dict[int, Tensor]
     return {k: s for k, (s, ok) in enumerate(zip(dom, splittable)) if ok}
 
 
-def _take_boxes(boxes: List[Tuple[Tensor, Tensor]], index) -> List[Tuple[Tensor, Tensor]]:
-    """The rows ``index`` (a slice or a bool mask over domains) of every box."""
-    return [(lo[index], up[index]) for lo, up in boxes]
-
-
-def _take(warm: Warm, index) -> Warm:
-    """The rows ``index`` (a slice or a bool mask over domains) of every tensor of ``warm``."""
-    return ([None if t is None else t[index] for t in warm[0]],
-            [None if t is None else t[index] for t in warm[1]])
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA's ``OutOfMemoryError`` or the CPU
+    allocator's)."""
+    msg = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in msg or \
+        "can't allocate memory" in msg
 
 
 __all__ = ["ReluSplitBaB", "BAB_METHODS", "BETA_BOUND_DEFAULTS", "WARM_ITERATIONS"]
