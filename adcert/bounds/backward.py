@@ -25,7 +25,7 @@ import torch
 
 from adcert.bounds.layers.base import Box, Lowered, Walk
 from adcert.bounds.patches import Patches
-from adcert.ops._rounding import down, gamma
+from adcert.ops._rounding import down, gamma, up
 
 Tensor = torch.Tensor
 
@@ -108,6 +108,7 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
     are unused: the input box is the hook's)."""
     walk = Walk(relu_box, alphas, betas, relu_coefs, hook)
     const = (A.data if isinstance(A, Patches) else A).new_zeros(A.shape[:2])
+    folded = set()  # pieces whose rounding error a consumer has added to its own
     pending = {end - 1: A}  # piece index -> coefficients on that piece's output
 
     def accumulate(j: int, A_new: Tensor) -> None:
@@ -127,12 +128,15 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
         op = low.ops[i]
         if isinstance(A, Patches) and not op.takes_patches(walk):
             A = A.to_dense()
+        if hook is not None and op.folds_source_error:
+            walk.fold = folded_source_error(low, i, walk, folded)
         back = op.backward(A, walk)
+        walk.fold = None
         if hook is None:
             if back.const is not None:
                 const = const + back.const
         else:
-            err = op.rounding_error(A, back, walk)
+            err = None if i in folded else op.rounding_error(A, back, walk)
             if back.const is not None:
                 const = down(const + back.const)
             if err is not None:
@@ -147,6 +151,40 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
             return concretize_patches(A, mu, r) + const
         return concretize_lower(A, mu, r) + const
     return down(hook.concretize(A) + const)
+
+
+def folded_source_error(low: Lowered, i: int, walk: Walk, folded: set
+                        ) -> Optional[Tuple[Tensor, float]]:
+    """Sound walks: the rounding errors of the chain of pieces feeding piece ``i`` (e.g. a
+    ReLU's batch norm and convolution), folded into one ``(Q, floor)`` on piece ``i``'s input
+    map, so that piece ``i``'s rows ``A'`` (the coefficients it hands back) carry them as
+    ``|A'| . Q + floor`` in its own error term (one pass over the rows, and for receptive-field
+    rows one gather, instead of one per piece). A source is folded while it is read by no other
+    piece (its rows are then exactly ``A'``, pulled through the diagonal pieces between), gives
+    its error in that form (:meth:`~adcert.bounds.layers.base.Piece.folded_error`), and the
+    pieces between it and ``i`` are ``diagonal`` (their
+    :meth:`~adcert.bounds.layers.base.Piece.pull_error_weights` carries the weights across). Sums of the non-negative weights are rounded up. The folded pieces
+    are added to ``folded`` (their own rounding error is then not computed again); ``None``
+    when nothing folds."""
+    readers = low.readers()
+    total, floor, pulls = None, 0.0, []
+    j = low.ops[i].src if len(low.ops[i].srcs) == 1 else -1
+    while j >= 0 and readers[j] == 1:
+        src = low.ops[j]
+        got = src.folded_error(walk)
+        if got is None:
+            break
+        q, f = got
+        for diag in reversed(pulls):  # from the piece nearest to j outwards
+            q = diag.pull_error_weights(q)
+        total = q if total is None else up(total + q)
+        floor += f
+        folded.add(j)
+        if len(src.srcs) != 1 or not src.diagonal:
+            break
+        pulls.append(src)
+        j = src.src
+    return None if total is None else (total, floor)
 
 
 def _dense(A):

@@ -86,6 +86,15 @@ class AffinePiece(Piece):
             self._error_weights = (box[0], q)
         return q
 
+    def error_floor(self, dtype) -> float:
+        """The underflow allowance of a backward step's error (:meth:`rounding_error`)."""
+        return 2 * (math.prod(self.in_shape) + 2 * math.prod(self.out_shape)) * \
+            torch.finfo(dtype).tiny
+
+    def folded_error(self, walk: Walk):
+        q = self.error_weights(walk)
+        return q, self.error_floor(q.dtype)
+
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
         """``2 gamma_k (|A||W|) . m_h + 2 gamma_n |A| . |b|``, computed as ``|A| . Q`` with
         ``Q = 2 gamma_k |W| m_h + 2 gamma_n |b|`` (:meth:`error_weights`): equal in real
@@ -93,14 +102,13 @@ class AffinePiece(Piece):
         piece instead of a transposed product per row. Every factor is non-negative, so the
         floating-point value is within a factor ``1 -/+ gamma`` of the exact one, which the
         factor 2 covers; plus underflow."""
-        tiny = torch.finfo(A.dtype).tiny
         q = self.error_weights(walk)
         if isinstance(A, Patches):
             err = (A.data.abs() * A.gather(q)).flatten(2).sum(-1)
         else:
             err = torch.einsum("bsn,bn->bs", A.abs().flatten(2),
                                q.flatten(1).expand(A.shape[0], -1))
-        return err + 2 * (math.prod(self.in_shape) + 2 * math.prod(self.out_shape)) * tiny
+        return err + self.error_floor(A.dtype)
 
     # -- rigorous box ------------------------------------------------------------------
     def sound_box(self, boxes: Sequence[Box]) -> Box:
@@ -221,8 +229,16 @@ class ChannelPiece(ChannelBias, AffinePiece):
         w = self.weight if weight is None else weight
         return A * w.reshape((1, 1, -1) + (1,) * (A.dim() - 3))
 
+    diagonal = True
+
     def takes_patches(self, walk: Walk) -> bool:
         return len(self.in_shape) == 3
+
+    def pull_error_weights(self, Q: Tensor) -> Tensor:
+        """``|w| Q`` rounded up, times ``1 + 4u``: the rows on the input are ``fl(A w)``, at
+        most ``(1 + u) |A| |w|`` entrywise."""
+        u_r = torch.finfo(Q.dtype).eps / 2
+        return up(up(self.forward(Q, self.weight.abs(), bias=False)) * (1 + 4 * u_r))
 
     def backward_patches(self, A: Patches) -> Back:
         out = A.with_data(A.data * self.weight.reshape(1, 1, -1, 1, 1))
@@ -264,6 +280,9 @@ class ElementwisePiece(AffinePiece):
             err = 2 * gamma(self.coef_rel_err + 1, L.dtype) * self._b(self._bias_mag(), L.dim())
             return down(down(L + b) - (err + tiny)), up(up(U + b) + (err + tiny))
         return super().sound_box(boxes)
+
+    def folded_error(self, walk: Walk):
+        return None  # its own rule (:meth:`rounding_error`), not folded into a consumer's
 
     def rounding_error(self, A, back, walk):
         if self.weight is None:  # A passes unchanged: only the constant's sum is rounded

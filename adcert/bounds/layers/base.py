@@ -162,6 +162,25 @@ class Piece:
         relaxation step (the sound hook; ``None`` = exact)."""
         return None
 
+    # -- folded rounding errors (sound walks, see adcert.bounds.backward.folded_source_error) --
+    #: a consumer that adds its source chain's rounding errors to its own weighted sum (ReLU)
+    folds_source_error: bool = False
+    #: ``A_in = A_out * w`` per entry, rows keep their geometry (:meth:`pull_error_weights`)
+    diagonal: bool = False
+
+    def folded_error(self, walk: "Walk") -> Optional[Tuple[Tensor, float]]:
+        """This piece's backward rounding error in the form ``|A| . Q + floor`` for the rows
+        ``A`` reaching it: ``(Q [B, *out_shape], floor)``, or ``None`` when it is not of that
+        form. The piece whose backward step made ``A`` can then add ``Q`` to its own error
+        weights: one pass over the rows instead of two."""
+        return None
+
+    def pull_error_weights(self, Q: Tensor) -> Optional[Tensor]:
+        """Diagonal pieces (``A_in = A_out * w`` per entry, same row geometry): error weights
+        ``Q`` on the input map turned into weights on the output map, rounded up so that
+        ``|fl(A_out w)| . Q <= |A_out| . result``; ``None`` for any other piece."""
+        return None
+
     def loose(self, lower: Tensor, upper: Tensor) -> Tensor:
         """Activations: the neurons ``[B, *shape]`` whose relaxation gains from tighter input
         bounds (CROWN tightens only those)."""
@@ -204,6 +223,9 @@ class Walk:
     betas: Optional[dict] = None
     relu_coefs: Optional[dict] = None
     hook: Any = None
+    # sound walks: (Q, floor) of the current piece's source chain, whose rounding errors it
+    # adds to its own (set by the walk for a piece with ``folds_source_error``)
+    fold: Any = None
 
     @property
     def sound(self) -> bool:
@@ -260,6 +282,19 @@ class Lowered:
 
     def activation(self, k: int) -> Piece:
         return self.ops[self.relu_at[k]]
+
+    def readers(self) -> List[int]:
+        """How many pieces read each piece's output (cached; pieces are not added after
+        lowering)."""
+        cached = getattr(self, "_readers", None)
+        if cached is None or len(cached) != len(self.ops):
+            cached = [0] * len(self.ops)
+            for op in self.ops:
+                for j in op.srcs:
+                    if j >= 0:
+                        cached[j] += 1
+            self._readers = cached
+        return cached
 
 
 class Lowerer:

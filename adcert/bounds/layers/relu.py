@@ -30,7 +30,7 @@ from adcert.bounds.registry import register_call
 from adcert.bounds.layers.base import Back, Box, ForwardCtx, IbpCtx, Lowerer, Node, Piece, Tensor, \
     Walk, feature_sum, memo_enabled
 from adcert.bounds.patches import Patches
-from adcert.ops._rounding import gamma, unit_roundoff
+from adcert.ops._rounding import gamma, unit_roundoff, up
 
 
 def shrunk_relu(mu: Tensor, r: Tensor, shrink: float = 1.0) -> Box:
@@ -103,6 +103,7 @@ class ReluPiece(Piece):
     """A ReLU of the lowered network (an activation: its relaxation reads its input box)."""
     is_activation = True
     splittable = True
+    folds_source_error = True
 
     def forward(self, h, weight=None, bias=True):
         return torch.relu(h)
@@ -138,32 +139,46 @@ class ReluPiece(Piece):
                 A_new = A_new - beta
             return Back((A_new,), c)
         # the relaxation's lines on the map, then per row: the window's (patches) or the whole
-        # map's, broadcast over the rows
+        # map's, broadcast over the rows; sound: the error weights too (see rounding_error)
         lines = self.lines(lo, up, walk.sound, alpha)
-        if patches:  # the lines on every row's window (m_z only for the sound error terms;
-            # with window-form slopes [B, S, C, ph, pw], the unstable mask too)
+        want = lines[:3]
+        if walk.sound:
+            want = want + self.error_maps(lines[3], beta is not None, walk.fold)
+        if patches:  # on every row's window (with window-form slopes [B, S, C, ph, pw], the
+            # unstable mask too)
             C = lo.shape[1]
-            want = lines if walk.sound else lines[:3]
             if alpha is not None:
                 want = want + (self._unstable.to(lo.dtype),)
             got = list(A.gather(torch.cat(want, 1)).split(C, dim=2))
-            lo_slope, slope, icpt = got[:3]
-            m_z = got[3] if walk.sound else None
             if alpha is not None:
-                lo_slope = torch.where(got[-1] > 0, alpha.clamp(0, 1), lo_slope)
+                got[0] = torch.where(got.pop() > 0, alpha.clamp(0, 1), got[0])
             data = A.data
         else:
-            lo_slope, slope, icpt, m_z = (t.unsqueeze(1) for t in lines)
+            got = [t.unsqueeze(1) for t in want]
             data = A
             if alpha is not None:
-                lo_slope = torch.where(self._unstable.unsqueeze(1), alpha.clamp(0, 1), lo_slope)
+                got[0] = torch.where(self._unstable.unsqueeze(1), alpha.clamp(0, 1), got[0])
+        lo_slope, slope, icpt = got[:3]
         neg = data.clamp(max=0)
         A_new = data.clamp(min=0) * lo_slope + neg * slope
         const = feature_sum(neg * icpt)
         A_beta = None if beta is None else A_new - beta
         out = A_new if A_beta is None else A_beta
-        aux = (A_new, A_beta, m_z) if walk.sound else None
+        aux = None
+        if walk.sound:
+            aux = (A_new, A_beta, got[3:], 0.0 if walk.fold is None else walk.fold[1])
         return Back((A.with_data(out) if patches else out,), const, aux)
+
+    @staticmethod
+    def error_maps(m_z: Tensor, beta: bool, fold) -> Tuple[Tensor, ...]:
+        """The sound error weights on the input map ``[B, *shape]`` (see
+        :meth:`rounding_error`): ``(W_out,)``, or with ``beta`` ``(W_out, 2 gamma_2 m_z)``;
+        ``W_out = 2 gamma_c m_z + Q`` weighs the rows handed back (``c = 1`` with ``beta``, else
+        2; ``Q``: the folded source errors ``fold = (Q, floor)``, or 0), rounded up."""
+        dtype = m_z.dtype
+        own = 2 * gamma(1 if beta else 2, dtype) * m_z
+        w_out = own if fold is None else up(own + fold[0])
+        return (w_out, 2 * gamma(2, dtype) * m_z) if beta else (w_out,)
 
     def lines(self, lo: Tensor, up: Tensor, sound: bool, alpha) -> Tuple[Tensor, ...]:
         """``(lower slope, upper slope, upper intercept, max(|l|, |u|))`` on the map
@@ -186,22 +201,28 @@ class ReluPiece(Piece):
         return out
 
     def rounding_error(self, A: Tensor, back: Back, walk: Walk) -> Tensor:
-        """``2 gamma_2 |A'| . m_z + 2 gamma_{n+1} |c terms| (+ 2 gamma_1 |A' - beta| . m_z)``
-        plus underflow; the constant's terms are all <= 0 (negative coefficients times
-        intercepts >= 0), so the sum of their magnitudes is ``-const``."""
+        """``2 gamma_2 |A'| . m_z + 2 gamma_{n+1} |c terms|`` (with ``beta`` also
+        ``+ 2 gamma_1 |A' - beta| . m_z``: one rounding per entry, ``|E| <= gamma_1 |T|``) plus
+        underflow; the constant's terms are all <= 0 (negative coefficients times intercepts
+        >= 0), so the sum of their magnitudes is ``-const``. The rows handed back
+        (``A_out = A' - beta``, or ``A'``) carry their weight ``W_out`` (:meth:`error_maps`),
+        which holds the folded errors of the source chain (``walk.fold``, see
+        :func:`adcert.bounds.backward.folded_source_error`): the error is computed as
+        ``|A_out| . W_out (+ |A'| . 2 gamma_2 m_z with beta) - 2 gamma_{n+1} const``. Every
+        weight is non-negative and the factor 2 in each covers the rounding of these sums."""
         dtype = back.const.dtype
         tiny = torch.finfo(dtype).tiny
-        A_new, A_beta, m_z = back.aux
+        A_new, A_beta, weights, floor = back.aux
         n = math.prod(self.out_shape)
 
-        def weighted(t: Tensor) -> Tensor:
-            return (t.abs() * m_z).flatten(2).sum(-1)
+        def weighted(t: Tensor, w: Tensor) -> Tensor:
+            return (t.abs() * w).flatten(2).sum(-1)
 
-        err = 2 * (gamma(2, dtype) * weighted(A_new) - gamma(n + 1, dtype) * back.const) \
-            + 2 * n * tiny
-        if A_beta is not None:  # one rounding per entry: |E| <= gamma_1 |T|
-            err = err + 2 * gamma(1, dtype) * weighted(A_beta) + 2 * n * tiny
-        return err
+        A_out = A_new if A_beta is None else A_beta
+        err = weighted(A_out, weights[0]) - 2 * gamma(n + 1, dtype) * back.const + 2 * n * tiny
+        if A_beta is not None:
+            err = err + weighted(A_new, weights[1]) + 2 * n * tiny
+        return err + floor
 
 
 @dataclass(frozen=True, eq=False)
