@@ -66,7 +66,7 @@ from adcert.bounds.alpha_intermediate import (
     DEFAULT_MAX_ALPHA_ELEMENTS, IntermediateRows, SlopeBank,
 )
 from adcert.bounds.crown_sound import (
-    sound_backward, sound_concretize, sound_op_boxes, widened_input,
+    SoundBoxes, sound_backward, sound_concretize, sound_op_boxes, widened_input,
 )
 from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import check_y_range
@@ -279,11 +279,15 @@ def row_size(low: Lowered, at: int, windows: bool) -> int:
 
 def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box],
                        splits: Optional[Dict[int, Tensor]], max_elems: int,
-                       backward=backward_lower, patches: bool = True) -> List[Box]:
+                       backward=backward_lower, patches: bool = True,
+                       sound_boxes=None) -> List[Box]:
     """Every activation's input bounds: IBP's, tightened by CROWN on the loose neurons (and split
     clamps). ``backward``: the back-substitution to use (the sound mode passes its own);
     ``patches``: rows of convolutional layers start as receptive-field windows (the walk turns
-    them dense wherever a piece needs it)."""
+    them dense wherever a piece needs it). ``sound_boxes``: the sound walks'
+    :class:`~adcert.bounds.crown_sound.SoundBoxes`, tightened with every layer's box as soon as
+    it is known (the later walks' rounding terms then weigh it; the boxes themselves still
+    start from ``ibp_boxes``, so that a sound bound never beats the exact CROWN bound)."""
     boxes: List[Box] = []
     B = mu.shape[0]
     for k, at in enumerate(low.relu_at):
@@ -307,6 +311,8 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
             box = apply_split((lo_f.reshape(lo.shape), up_f.reshape(up.shape)),
                               None if splits is None else splits.get(k))
         boxes.append(box)
+        if sound_boxes is not None:
+            sound_boxes.tighten(k, box)
     return boxes
 
 
@@ -340,17 +346,19 @@ def parse_options(method: str, options, known, device="cpu") -> dict:
 
 
 def activation_boxes(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box], splits,
-                     opts: dict, backward=backward_lower) -> List[Box]:
+                     opts: dict, backward=backward_lower, sound_boxes=None) -> List[Box]:
     """Every activation's input box for crown / alpha-crown: CROWN's from IBP's, or the given
     ``interm_boxes`` (with ``refine_interm``: CROWN's from those). ``backward``: the walk (the
-    sound mode passes its own)."""
+    sound mode passes its own, and its ``sound_boxes``, tightened with the boxes)."""
     start = ibp_boxes
     if opts.get("interm_boxes") is not None:
         start = given_boxes(opts["interm_boxes"], ibp_boxes, splits)
+        if sound_boxes is not None:
+            sound_boxes.tighten_all(start)
         if not opts["refine_interm"]:
             return start
     return crown_intermediate(low, mu, r, start, splits, opts["max_spec_elements"], backward,
-                              opts["patches"])
+                              opts["patches"], sound_boxes)
 
 
 def intermediate_rows(low: Lowered, boxes: List[Box], splits, opts: dict):
@@ -422,11 +430,13 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
         outs = sound_op_boxes(low, L, U)
         ibp_relu = [outs[low.ops[at].src] for at in low.relu_at]
         backward = partial(sound_backward, out_boxes=outs)
+        out_box = outs[len(low.ops) - 1]  # IBP's (tightened, it could beat exact CROWN)
+        tracked = SoundBoxes(low, outs)  # outs, tightened as the boxes become known
         if method == "crown-ibp":
             boxes = [apply_split(b, None if splits is None else splits.get(k))
                      for k, b in enumerate(ibp_relu)]
         else:
-            boxes = activation_boxes(low, mu, r, ibp_relu, splits, opts, backward)
+            boxes = activation_boxes(low, mu, r, ibp_relu, splits, opts, backward, tracked)
         end = len(low.ops)
         alphas = betas = None
         if method == "alpha-crown":
@@ -438,9 +448,10 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
             betas = signed_betas(betas, splits)
             if interm is not None:  # the kept slopes, re-evaluated by the rigorous walks
                 boxes = interm.boxes(mu, r, bank.frozen(), backward)
+        tracked.tighten_all(boxes)
         lb = backward(low, end, spec, mu, r, boxes, alphas, betas)
         if method != "crown-ibp":
-            lb = torch.maximum(lb, sound_concretize(spec, *outs[len(low.ops) - 1]))
+            lb = torch.maximum(lb, sound_concretize(spec, *out_box))
     if request.relu_bounds is not None:
         request.relu_bounds.extend(boxes)
     return format_result(lb, kind, request, low.out_shape)

@@ -69,6 +69,49 @@ def sound_op_boxes(low: Lowered, L: Tensor, U: Tensor) -> Dict[int, Box]:
     return outs
 
 
+class SoundBoxes:
+    """The rigorous output boxes ``outs`` of :func:`sound_op_boxes`, tightened as activation
+    input boxes become known (CROWN's sound bounds, or boxes clamped by a domain's splits, both
+    valid wherever the walk's bound must hold): the box of activation ``k``'s input is
+    intersected with them and every later piece's box with its :meth:`sound_box` from the
+    tightened sources. The rounding-error terms of the sound walks weigh these boxes'
+    magnitudes, so after the intermediate bounds they are those of CROWN's boxes, not of IBP's
+    (which grow with depth: on a random CNN7 they are thousands of times wider). Only the
+    magnitudes use them: the relaxations read the walk's own boxes, and the final bound is
+    intersected with IBP's output box, so a sound bound never beats the exact CROWN bound
+    (which tests use as an oracle)."""
+
+    def __init__(self, low: Lowered, outs: Dict[int, Box]):
+        self.low, self.outs = low, outs
+
+    def tighten(self, k: int, box: Box) -> None:
+        """Intersect activation ``k``'s input box with ``box`` and carry it forward."""
+        low, outs = self.low, self.outs
+        s = low.ops[low.relu_at[k]].src
+        outs[s] = _meet(outs[s], box)
+        for j in range(s + 1, len(low.ops)):
+            op = low.ops[j]
+            outs[j] = _meet(outs[j], op.sound_box([outs[i] for i in op.srcs]))
+
+    def tighten_all(self, boxes: List[Box]) -> None:
+        """:meth:`tighten` with every activation's box (``boxes[k]``), in one forward pass."""
+        low, outs = self.low, self.outs
+        if not boxes:
+            return
+        sources = {low.ops[low.relu_at[k]].src: box for k, box in enumerate(boxes)}
+        first = min(sources)
+        outs[first] = _meet(outs[first], sources[first])
+        for j in range(first + 1, len(low.ops)):
+            op = low.ops[j]
+            outs[j] = _meet(outs[j], op.sound_box([outs[i] for i in op.srcs]))
+            if j in sources:
+                outs[j] = _meet(outs[j], sources[j])
+
+
+def _meet(a: Box, b: Box) -> Box:
+    return torch.maximum(a[0], b[0]), torch.minimum(a[1], b[1])
+
+
 def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box],
                    alphas=None, betas=None, *, out_boxes: Dict[int, Box]) -> Tensor:
     """The rigorous back-substitution: :func:`adcert.bounds.backward.backward_lower` with a
