@@ -110,3 +110,31 @@ def test_error_terms_weigh_crown_boxes_not_ibp_boxes(monkeypatch):
     assert bool((tight[other] <= exact[other]).all()) and bool((loose <= tight).all())
     lost_tight, lost_loose = (exact - tight)[other].sum(), (exact - loose)[other].sum()
     assert lost_tight < 0.5 * lost_loose, (lost_tight, lost_loose)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sound_crown_keeps_the_ibp_bound_of_the_specification_in_the_last_layer(dtype):
+    """Where IBP with the margin folded into the last linear layer beats CROWN (here: margin
+    ``h2 + 0.3``, h2 a ReLU of ``[-1, 2]``: folded IBP 0.3, CROWN's relaxation -0.7, the output
+    boxes' difference -1.7), the plain mode returns it, and so must the sound mode."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2)).to(dtype).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(3.0)
+        net[0].bias.fill_(-1.0)
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+        net[2].bias.copy_(torch.tensor([0.3, 0.0]))
+    x, y = torch.full((1, 1), 0.5, dtype=dtype), torch.tensor([0])
+    plain = compute_bounds(net, x, 0.5, method="crown", y=y)
+    sound = compute_bounds(net, x, 0.5, method="crown", y=y, sound=True)
+    assert abs(float(plain[0, 1]) - 0.3) < 1e-6
+    assert float(sound[0, 1]) <= float(plain[0, 1]) and float(plain[0, 1] - sound[0, 1]) < 1e-5
+
+
+def test_a_walk_that_stops_early_needs_the_sound_boxes():
+    from adcert.bounds.backward import backward_lower
+    from adcert.certify.bab_relu import ReluSplitBaB
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    low = ReluSplitBaB._lowered(net, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="^stop:"):
+        backward_lower(low, len(low.ops), torch.ones(1, 1, 2), torch.zeros(1, 3),
+                       torch.ones(1, 3), [None], stop=1)

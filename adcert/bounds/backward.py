@@ -83,15 +83,16 @@ class SoundHook:
         return (2 * gamma(1, total.dtype) * (total.abs() * self.magnitude(j)).flatten(2).sum(-1)
                 + 2 * n * torch.finfo(total.dtype).tiny)
 
-    def concretize(self, A) -> Tensor:
-        return sound_concretize(A, *self.out_boxes[-1])
+    def concretize(self, A, j: int = -1) -> Tensor:
+        """A rigorous lower bound of ``A . h_j`` over piece ``j``'s box (``-1``: the input)."""
+        return sound_concretize(A, *self.out_boxes[j])
 
 
 def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
                    relu_box: Sequence[Optional[Tuple[Tensor, Tensor]]],
                    alphas: Optional[dict] = None, betas: Optional[dict] = None,
-                   relu_coefs: Optional[dict] = None, hook: Optional[SoundHook] = None
-                   ) -> Tensor:
+                   relu_coefs: Optional[dict] = None, hook: Optional[SoundHook] = None,
+                   stop: int = -1) -> Tensor:
     """Lower bounds ``[B, S]`` of ``A . h_end`` over the input box, where ``h_end`` is the output
     of ``low.ops[end - 1]`` (``end = 0``: the input) and ``A: [B, S, *shape of h_end]``.
 
@@ -105,7 +106,11 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
     is <= ``A . h_end`` wherever every split holds (beta-CROWN). ``relu_coefs``: a dict that
     receives ``{k: [B, S, *shape]}``, the coefficients reaching every ReLU's OUTPUT (branching
     heuristics). ``hook``: ``None`` (exact arithmetic) or a :class:`SoundHook` (then ``mu, r``
-    are unused: the input box is the hook's)."""
+    are unused: the input box is the hook's). ``stop`` (sound only): end the walk at piece
+    ``stop``'s output and concretise over the hook's box of it (``-1``: the input); every piece
+    after ``stop`` must read only pieces ``>= stop``."""
+    if stop != -1 and hook is None:
+        raise ValueError("stop: a walk that ends before the input needs the sound hook's boxes")
     walk = Walk(relu_box, alphas, betas, relu_coefs, hook)
     const = (A.data if isinstance(A, Patches) else A).new_zeros(A.shape[:2])
     folded = set()  # pieces whose rounding error a consumer has added to its own
@@ -121,7 +126,7 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
             const = down(const - hook.fork_error(total, j))
         pending[j] = total
 
-    for i in range(end - 1, -1, -1):
+    for i in range(end - 1, stop, -1):
         A = pending.pop(i, None)
         if A is None:  # a piece the bounded value does not depend on
             continue
@@ -143,14 +148,16 @@ def backward_lower(low: Lowered, end: int, A: Tensor, mu: Tensor, r: Tensor,
                 const = down(const - err)
         for j, A_j in zip(op.srcs, back.As):
             accumulate(j, A_j)
-    A = pending.pop(-1, None)
+    A = pending.pop(stop, None)
+    if pending:
+        raise ValueError(f"stop: pieces {sorted(pending)} before piece {stop} are read after it")
     if A is None:  # the bounded value does not depend on the input
         return const
     if hook is None:
         if isinstance(A, Patches):
             return concretize_patches(A, mu, r) + const
         return concretize_lower(A, mu, r) + const
-    return down(hook.concretize(A) + const)
+    return down(hook.concretize(A, stop) + const)
 
 
 def folded_source_error(low: Lowered, i: int, walk: Walk, folded: set

@@ -66,7 +66,8 @@ from adcert.bounds.alpha_intermediate import (
     DEFAULT_MAX_ALPHA_ELEMENTS, IntermediateRows, SlopeBank,
 )
 from adcert.bounds.crown_sound import (
-    SoundBoxes, sound_backward, sound_concretize, sound_op_boxes, widened_input,
+    SoundBoxes, final_layer_ibp, sound_backward, sound_concretize, sound_op_boxes,
+    widened_input,
 )
 from adcert.bounds.ibp import effective_linear, ibp_steps
 from adcert.bounds.inputs import check_y_range
@@ -430,7 +431,7 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
         outs = sound_op_boxes(low, L, U)
         ibp_relu = [outs[low.ops[at].src] for at in low.relu_at]
         backward = partial(sound_backward, out_boxes=outs)
-        out_box = outs[len(low.ops) - 1]  # IBP's (tightened, it could beat exact CROWN)
+        ibp_outs = dict(outs)  # IBP's (tightened, they could beat exact CROWN)
         tracked = SoundBoxes(low, outs)  # outs, tightened as the boxes become known
         if method == "crown-ibp":
             boxes = [apply_split(b, None if splits is None else splits.get(k))
@@ -451,7 +452,10 @@ def run_sound(plan, mu: Tensor, r: Tensor, stats, request, method: str, opts: di
         tracked.tighten_all(boxes)
         lb = backward(low, end, spec, mu, r, boxes, alphas, betas)
         if method != "crown-ibp":
-            lb = torch.maximum(lb, sound_concretize(spec, *out_box))
+            lb = torch.maximum(lb, sound_concretize(spec, *ibp_outs[len(low.ops) - 1]))
+            tail = final_layer_ibp(low, spec, ibp_outs)  # as the plain mode's IBP bound
+            if tail is not None:
+                lb = torch.maximum(lb, tail)
     if request.relu_bounds is not None:
         request.relu_bounds.extend(boxes)
     return format_result(lb, kind, request, low.out_shape)

@@ -49,7 +49,7 @@ The sound result is detached from the parameters for every method (certification
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -119,6 +119,24 @@ def sound_backward(low: Lowered, end: int, A: Tensor, mu, r, relu_box: List[Box]
     the input box is ``out_boxes[-1]``, ``mu, r`` unused)."""
     return backward_lower(low, end, A, mu, r, relu_box, alphas, betas,
                           hook=SoundHook(out_boxes))
+
+
+def final_layer_ibp(low: Lowered, spec: Tensor, outs: Dict[int, Box]) -> Optional[Tensor]:
+    """The sound counterpart of the plain mode's IBP bound of the specification folded into
+    the last linear layer (:func:`adcert.bounds.crown.ibp_spec_lower`): ``spec: [B, S, *out]``
+    walked back through the network's final linear piece (and the batch norm after it), then
+    concretised over the rigorous box of that layer's input. ``None`` when the network does not
+    end in a linear layer. ``outs`` as from :func:`sound_op_boxes` (IBP's boxes: tightened ones
+    could beat the exact CROWN bound, see :class:`SoundBoxes`)."""
+    from adcert.bounds.layers.affine_piece import ChannelPiece, LinearPiece
+
+    j = len(low.ops) - 1
+    while j >= 0 and isinstance(low.ops[j], ChannelPiece) and len(low.ops[j].in_shape) == 1:
+        j -= 1
+    if j < 0 or not isinstance(low.ops[j], LinearPiece) or low.ops[j].src < 0:
+        return None
+    return backward_lower(low, len(low.ops), spec, None, None, [None] * len(low.relu_at),
+                          hook=SoundHook(outs), stop=low.ops[j].src)
 
 
 def widened_input(mu: Tensor, r: Tensor) -> Box:
