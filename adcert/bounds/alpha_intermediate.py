@@ -134,36 +134,20 @@ class IntermediateRows:
     """The neurons of every activation's input that alpha-CROWN re-bounds, in row chunks.
 
     ``ref_boxes[k]``: the reference (CROWN) input boxes of activation ``k``, already clamped by
-    ``splits``; layers IBP bounds exactly are skipped; ``max_elems`` bounds one chunk's largest
-    coefficient tensor as in :func:`adcert.bounds.crown.crown_intermediate`."""
+    ``splits``; the chunks are :func:`adcert.bounds.crown.row_chunks`'s, the plan
+    :func:`adcert.bounds.crown.crown_intermediate` walks too (none where IBP is exact)."""
 
     def __init__(self, low: Lowered, ref_boxes: List[Box], splits, max_elems: int,
                  patches: bool):
-        from adcert.bounds.crown import ibp_is_exact, row_size, unstable_order
+        from adcert.bounds.crown import row_chunks
 
         self.low, self.ref, self.splits = low, ref_boxes, splits
-        self.plans: List[Optional[Tuple[int, tuple, bool, List[Tensor]]]] = []
-        self.graph_elements = 0
-        for k, at in enumerate(low.relu_at):
-            end = low.relu_input_end(k)
-            lo, up = ref_boxes[k]
-            if ibp_is_exact(low, end):
-                self.plans.append(None)
-                continue
-            shape = low.ops[at].in_shape
-            idx, n_max = unstable_order(lo, up, low.ops[at].loose(lo, up))
-            if n_max == 0:
-                self.plans.append(None)
-                continue
-            windows = patches and len(shape) == 3
-            B = lo.shape[0]
-            widest = row_size(low, at, windows)
-            chunk = max(1, max_elems // max(1, 2 * B * widest))
-            parts = [idx[:, s:s + chunk] for s in range(0, n_max, chunk)]
-            self.plans.append((end, shape, windows, parts))
-            # what one iteration's autograd graph keeps of this layer's walks, roughly: every
-            # piece's coefficients at their widest
-            self.graph_elements += 2 * B * n_max * widest * at
+        self.plans = [row_chunks(low, k, ref_boxes[k], max_elems, patches)
+                      for k in range(len(low.relu_at))]
+        # what one iteration's autograd graph keeps of the walks, roughly: every piece's
+        # coefficients at their widest
+        self.graph_elements = sum(2 * ref_boxes[k][0].shape[0] * p.n_max * p.widest *
+                                  low.relu_at[k] for k, p in enumerate(self.plans) if p is not None)
 
     def __bool__(self) -> bool:
         return any(p is not None for p in self.plans)
@@ -187,7 +171,7 @@ class IntermediateRows:
             if plan is None:
                 boxes.append(self.ref[k])
                 continue
-            end, shape, windows, parts = plan
+            end, shape, windows, parts = plan[:4]
             lo, up = self.ref[k]
             lo_f, up_f = lo.flatten(1), up.flatten(1)
             for c, part in enumerate(parts):

@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -278,6 +278,41 @@ def row_size(low: Lowered, at: int, windows: bool) -> int:
     return biggest
 
 
+class RowChunks(NamedTuple):
+    """How activation ``k``'s loose neurons are re-bounded by backward walks (see
+    :func:`row_chunks`): ``end`` (the walk's start, the activation's input), the input ``shape``,
+    ``windows`` (receptive-field rows), ``parts`` (the neuron indices ``[B, n]`` of each walk),
+    ``n_max`` (the largest per-sample count) and ``widest`` (:func:`row_size`)."""
+    end: int
+    shape: tuple
+    windows: bool
+    parts: List[Tensor]
+    n_max: int
+    widest: int
+
+
+def row_chunks(low: Lowered, k: int, box: Box, max_elems: int, patches: bool
+               ) -> Optional[RowChunks]:
+    """The walks that re-bound activation ``k``'s loose neurons (of its input box ``box``,
+    each ``[B, *shape]``), unstable ones first, as few per walk as keep its largest coefficient
+    tensor (``2 x B x rows x widest`` entries) within ``max_elems``; ``None`` where IBP is exact
+    or nothing is loose."""
+    end = low.relu_input_end(k)
+    if ibp_is_exact(low, end):
+        return None
+    at = low.relu_at[k]
+    lo, up = box
+    idx, n_max = unstable_order(lo, up, low.ops[at].loose(lo, up))
+    if n_max == 0:
+        return None
+    shape = low.ops[at].in_shape
+    windows = patches and len(shape) == 3
+    widest = row_size(low, at, windows)
+    chunk = max(1, max_elems // max(1, 2 * lo.shape[0] * widest))
+    return RowChunks(end, shape, windows, [idx[:, s:s + chunk] for s in range(0, n_max, chunk)],
+                     n_max, widest)
+
+
 def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box],
                        splits: Optional[Dict[int, Tensor]], max_elems: int,
                        backward=backward_lower, patches: bool = True,
@@ -290,23 +325,15 @@ def crown_intermediate(low: Lowered, mu: Tensor, r: Tensor, ibp_boxes: List[Box]
     it is known (the later walks' rounding terms then weigh it; the boxes themselves still
     start from ``ibp_boxes``, so that a sound bound never beats the exact CROWN bound)."""
     boxes: List[Box] = []
-    B = mu.shape[0]
-    for k, at in enumerate(low.relu_at):
+    for k in range(len(low.relu_at)):
         box = apply_split(ibp_boxes[k], None if splits is None else splits.get(k))
-        end = low.relu_input_end(k)  # the ReLU's input is the output of ops[end - 1]
-        if not ibp_is_exact(low, end):
+        plan = row_chunks(low, k, box, max_elems, patches)
+        if plan is not None:
             lo, up = box
-            shape = low.ops[at].in_shape
-            idx, n_max = unstable_order(lo, up, low.ops[at].loose(lo, up))
-            windows = patches and len(shape) == 3
-            # the largest coefficient tensor of the walk: A at some piece's input
-            widest = row_size(low, at, windows)
-            chunk = max(1, max_elems // max(1, 2 * B * widest))
             lo_f, up_f = lo.flatten(1).clone(), up.flatten(1).clone()
-            for s in range(0, n_max, chunk):
-                part = idx[:, s:s + chunk]
-                c_lo, c_up = neuron_bounds(low, end, part, shape, mu, r, boxes, backward,
-                                           windows)
+            for part in plan.parts:
+                c_lo, c_up = neuron_bounds(low, plan.end, part, plan.shape, mu, r, boxes,
+                                           backward, plan.windows)
                 lo_f.scatter_(1, part, torch.maximum(lo_f.gather(1, part), c_lo))
                 up_f.scatter_(1, part, torch.minimum(up_f.gather(1, part), c_up))
             box = apply_split((lo_f.reshape(lo.shape), up_f.reshape(up.shape)),
