@@ -26,11 +26,12 @@
      walk per layer and per domain);
    * ``recompute`` (not run by default): CROWN's boxes from scratch, ignoring the parent's.
 
-Reported per variant: certified / attacked / unknown among the BaB samples, domains bounded and
-seconds (total and median per sample). A sample one variant certifies and another attacks would
-be a soundness bug: the script says so and exits 1. ``--quick``: width 4, 1 epoch on 500 images,
-3 samples, 3 alpha-CROWN steps, 5 s timeout (a smoke run; measures nothing). Needs the MNIST files of
-``../shared/data`` (``--data-dir`` or ``$ADCERT_DATA``).
+Reported per variant: certified / attacked / unknown among the BaB samples, domains bounded,
+seconds (total and median per sample) and the largest queue's memory (MB). A sample one variant
+certifies and another attacks would be a soundness bug: the script says so and exits 1.
+``--quick``: width 4, 1 epoch on 500 images, 3 samples, 3 alpha-CROWN steps, 5 s timeout (a smoke
+run; measures nothing). Needs the MNIST files of ``../shared/data`` (``--data-dir`` or
+``$ADCERT_DATA``).
 """
 from __future__ import annotations
 
@@ -171,10 +172,12 @@ def main(argv=None) -> int:
                    "domains": sum(st["domains"] for st in stats),
                    "median_seconds": statistics.median([st["seconds"] for st in stats])
                    if stats else 0.0,
+                   "queue_mb": max([st.get("queue_mb", 0.0) for st in stats], default=0.0),
                    "per_sample": stats}
         print(f"  {v:10s} certified {rows[v]['certified']:3d}  attacked {rows[v]['attacked']:3d}"
               f"  unknown {rows[v]['unknown']:3d}  domains {rows[v]['domains']:6d}  "
-              f"{wall:7.1f} s (median {rows[v]['median_seconds']:.1f} s/sample)", flush=True)
+              f"{wall:7.1f} s (median {rows[v]['median_seconds']:.1f} s/sample, largest queue "
+              f"{rows[v]['queue_mb']:.0f} MB)", flush=True)
         del out
     bad = []
     names = list(verdicts)
