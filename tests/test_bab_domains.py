@@ -72,13 +72,43 @@ def test_compact_queue_round_trips_what_a_search_reads():
         assert torch.equal(got.splits[k], d.splits[k])
         assert torch.equal(got.boxes[k][0], d.boxes[k][0])  # the root's where not kept
         assert torch.equal(got.boxes[k][1], d.boxes[k][1])
-        for part in range(2):  # slopes and multipliers: kept exactly, NaN elsewhere
+        # slopes: kept exactly, NaN elsewhere; multipliers: on the split neurons only
+        for part, where in ((0, kk), (1, d.splits[k] != 0)):
             a, ref = got.warm[part][k], d.warm[part][k]
-            m = kk.expand_as(a[0]).expand_as(a)
-            assert torch.equal(a[m], ref[m]) and a[~m].isnan().all()
+            m = where.unsqueeze(-len(SHAPES[k]) - 1).expand_as(a) if part else \
+                where.expand_as(a[0]).expand_as(a)
+            assert m.any() and torch.equal(a[m], ref[m]) and a[~m].isnan().all()
     rest = q.pop(10)  # first in, first out; fewer when the queue is shorter
     assert len(rest) == 2 and len(q) == 0
     assert all(torch.equal(a, b[:2]) for a, b in zip(rest.splits, d.splits))
+
+
+def test_multipliers_of_domains_of_different_depths_survive_the_queue():
+    """Domains with one split, then domains with many (the stored multiplier width grows), then
+    none: every split neuron's multiplier comes back, in order."""
+    boxes, keep = root_and_keep()
+    deep = domains_inside(boxes, keep, 3, seed=2)
+    shallow = domains_inside(boxes, keep, 2, seed=3)
+    for k, s in enumerate(shallow.splits):  # at most one split per domain, in layer 0
+        s.zero_()
+        if k == 0:
+            first = keep[0].flatten().nonzero()[0, 0]
+            s.view(2, -1)[:, first] = torch.tensor([1, -1], dtype=torch.int8)
+    bare = domains_inside(boxes, keep, 1, seed=4)
+    for s in bare.splits:
+        s.zero_()
+    q = DomainQueue(boxes, keep, "compact")
+    for d in (shallow, deep, bare):
+        q.push(d)
+    got = q.pop(6)
+    for i, (d, j) in enumerate([(shallow, 0), (shallow, 1), (deep, 0), (deep, 1), (deep, 2),
+                                (bare, 0)]):
+        for k in range(len(SHAPES)):
+            split = d.splits[k][j] != 0
+            b = got.warm[1][k][i]
+            assert torch.equal(got.splits[k][i], d.splits[k][j])
+            assert torch.equal(b[:, split], d.warm[1][k][j][:, split])
+            assert b[:, ~split].isnan().all()
 
 
 def test_compact_queue_holds_a_fraction_of_the_full_layout():
@@ -92,8 +122,10 @@ def test_compact_queue_holds_a_fraction_of_the_full_layout():
         assert q.peak_bytes == 4 * sizes[mode]
     u = sum(int(k.sum()) for k in keep)
     total = sum(k.numel() for k in keep)
-    assert sizes["compact"] == u * (1 + 2 * 8 + 2 * S * 8)  # int8 split, fp64 box and warm
-    assert sizes["full"] == total * (1 + 2 * 8 + 2 * S * 8)
+    D = int(torch.cat([s.flatten(1) for s in d.splits], 1).count_nonzero(1).max())
+    multipliers = D * (S * 8 + 8)  # fp64 values and int64 positions of the split neurons
+    assert sizes["compact"] == u * (1 + 2 * 8 + S * 8) + multipliers  # int8 split, fp64 rest
+    assert sizes["full"] == total * (1 + 2 * 8 + S * 8) + multipliers
 
 
 def test_queue_refuses_a_split_it_would_drop_and_bad_arguments():

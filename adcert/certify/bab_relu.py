@@ -37,9 +37,9 @@ slopes, gets the full ``iterations``; so does the longer re-optimisation of full
 which starts from the domain's own optimum). The warm start is evaluated as iteration 0 and kept if
 nothing beats it, and any projected start is a valid relaxation, so soundness does not depend on
 it. Slopes of neurons that a split (or tighter intermediate bounds) made stable are simply unused.
-Memory: per queued domain ``2 x S x u`` numbers (slopes and multipliers for the ``S`` margin
-rows), ``u`` the neurons loose at the root (:mod:`adcert.certify.domains` keeps only those; all
-of them with ``boxes="recompute"``). Domains are bounded ``batch`` at a time (default
+Memory: per queued domain ``S x u`` slopes for the ``S`` margin rows, ``u`` the neurons loose
+at the root (:mod:`adcert.certify.domains` keeps only those; all of them with
+``boxes="recompute"``), and ``S`` multipliers per split neuron. Domains are bounded ``batch`` at a time (default
 ``"auto"``: from the free memory, see :func:`~adcert.certify.domains.auto_batch`); a bound that
 runs out of memory is retried with half the batch.
 

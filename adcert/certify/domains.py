@@ -13,18 +13,21 @@ layer, only the entries of the root's loose neurons (``[N, u_k]`` instead of ``[
 and rebuilds full tensors for the domains it hands out:
 
 * splits: 0 elsewhere (a split outside the kept neurons is refused, never dropped);
-* slopes and multipliers: ``NaN`` elsewhere, which :mod:`adcert.bounds.alpha_crown` reads as
-  "no warm start" (the default start; for a neuron stable in the domain it is never read);
+* slopes: ``NaN`` elsewhere, which :mod:`adcert.bounds.alpha_crown` reads as "no warm start"
+  (the default start; for a neuron stable in the domain it is never read);
+* multipliers: only a split neuron's is read, so only those are kept (``[N, S, D]`` values and
+  their positions, ``D`` the most splits of a queued domain), ``NaN`` (read as 0) elsewhere;
 * reused boxes: the root's elsewhere. A neuron that is stable at the root is never split, so its
   box in every ``reuse`` domain is the root's (intersected with IBP's, which ``compute_bounds``
   does again). ``refine`` tightens every box, so its boxes are kept whole.
 
 With ``boxes="recompute"`` a domain's CROWN boxes need not lie inside the root's: every neuron is
-kept. A queued domain holds ``u (1 + 2 b + 2 S b)`` bytes (``u`` kept neurons, ``b`` bytes per
-number: split, box, slopes and multipliers). Measured on ``benchmarks/bench_bab_cnn7.py``'s CNN7
-(width 8, MNIST, 22016 ReLU neurons, fp32), sample 35 at eps 0.13: 0.50 MB per ``reuse`` domain,
-1.70 MB in the full layout (``recompute``); a model trained at the radius it is certified at has
-fewer loose neurons, and a smaller share to keep.
+kept. A queued domain holds about ``u (1 + 2 b + S b)`` bytes (``u`` kept neurons, ``b`` bytes
+per number: split, box, slopes) and ``D (S b + 8)`` for its multipliers. Measured on
+``benchmarks/bench_bab_cnn7.py``'s CNN7 (width 8, MNIST, 22016 ReLU neurons, fp32), sample 35 at
+eps 0.13: 0.28 MB per ``reuse`` domain, 1.70 MB with every neuron's slopes and multipliers; a
+model trained at the radius it is certified at has fewer loose neurons, and a smaller share to
+keep.
 
 **Batch size** (:func:`auto_batch`): the domains bounded per ``compute_bounds`` call, from an
 estimate of one domain's working memory (the backward walk's rows and their autograd graph, the
@@ -133,7 +136,10 @@ class DomainQueue:
         self.box_mode = boxes
         self.splits: List[Tensor] = []
         self.boxes: Optional[List[Box]] = None
-        self.warm: Optional[Warm] = None
+        # with warm starts: (compact slopes [N, S, u_k] per layer, [multiplier values [N, S, D],
+        # their positions [N, D]], see _pack_betas); beta_layers: the layers with multipliers
+        self.warm = None
+        self.beta_layers: Optional[List[bool]] = None
         self.peak = self.peak_bytes = 0  # the most domains queued at once, and their bytes
 
     def __len__(self) -> int:
@@ -171,10 +177,44 @@ class DomainQueue:
             boxes = [(self._pack(lo, k), self._pack(up, k)) for k, (lo, up) in enumerate(d.boxes)]
         elif self.box_mode == "full":
             boxes = [(lo, up) for lo, up in d.boxes]
-        warm = None if d.warm is None else tuple(
-            [None if t is None else self._pack(t, k) for k, t in enumerate(part)]
-            for part in d.warm)
+        warm = None
+        if d.warm is not None:
+            alphas = [None if t is None else self._pack(t, k) for k, t in enumerate(d.warm[0])]
+            if self.beta_layers is None:
+                self.beta_layers = [b is not None for b in d.warm[1]]
+            warm = (alphas, self._pack_betas(splits, d.warm[1]))
         return Domains(splits, boxes, warm)
+
+    def _pack_betas(self, splits: List[Tensor], betas: List[Optional[Tensor]]) -> List[Tensor]:
+        """The multipliers of the split neurons only (no other is read): ``[values [n, S, D],
+        positions [n, D]]``, positions into the kept neurons of all layers concatenated (``-1``:
+        padding), ``D`` the most splits of a domain. ``splits``: compact, ``[n, u_k]``."""
+        split = torch.cat(splits, 1) != 0  # [n, U]
+        n, U = split.shape
+        ref = next(b for b in betas if b is not None)
+        S = ref.shape[1]
+        full = torch.cat([self._pack(b, k) if b is not None else
+                          ref.new_full((n, S, self.index[k].numel()), float("nan"))
+                          for k, b in enumerate(betas)], 2)  # [n, S, U]
+        D = int(split.sum(1).max()) if n else 0
+        order = torch.sort(split.to(torch.int8), dim=1, descending=True, stable=True).indices
+        order = order[:, :D]
+        values = full.gather(2, order.unsqueeze(1).expand(n, S, D))
+        return [values, torch.where(split.gather(1, order), order, -1)]
+
+    def _unpack_betas(self, packed: List[Tensor]) -> List[Optional[Tensor]]:
+        """:meth:`_pack_betas` reversed: ``[n, S, *shape_k]`` per layer, ``NaN`` where not
+        split (read as 0, the start of a multiplier)."""
+        values, pos = packed
+        n, S, _ = values.shape
+        sizes = [i.numel() for i in self.index]
+        U = sum(sizes)
+        full = values.new_full((n, S, U + 1), float("nan"))  # column U: the padding's
+        idx = torch.where(pos < 0, U, pos)
+        full.scatter_(2, idx.unsqueeze(1).expand(n, S, idx.shape[1]), values)
+        parts = full[:, :, :U].split(sizes, 2)
+        return [self._unpack(t.contiguous(), k, float("nan")) if keep else None
+                for k, (t, keep) in enumerate(zip(parts, self.beta_layers))]
 
     def _unpack_domains(self, d: Domains) -> Domains:
         splits = [self._unpack(s, k, 0) for k, s in enumerate(d.splits)]
@@ -184,9 +224,10 @@ class DomainQueue:
                      for k, (lo, up) in enumerate(d.boxes)]
         elif self.box_mode == "full":
             boxes = d.boxes
-        warm = None if d.warm is None else tuple(
-            [None if t is None else self._unpack(t, k, float("nan")) for k, t in enumerate(part)]
-            for part in d.warm)
+        warm = None
+        if d.warm is not None:
+            warm = ([None if t is None else self._unpack(t, k, float("nan"))
+                     for k, t in enumerate(d.warm[0])], self._unpack_betas(d.warm[1]))
         return Domains(splits, boxes, warm)
 
     # -- the queue -------------------------------------------------------------------------
@@ -204,8 +245,9 @@ class DomainQueue:
             if self.boxes is not None:
                 self.boxes = [(cat(a, c), cat(b, e)) for (a, b), (c, e) in zip(self.boxes, p.boxes)]
             if self.warm is not None:
-                self.warm = tuple([cat(a, b) for a, b in zip(qa, pa)]
-                                  for qa, pa in zip(self.warm, p.warm))
+                alphas = [cat(a, b) for a, b in zip(self.warm[0], p.warm[0])]
+                (qv, qp), (pv, pp) = _same_width(self.warm[1], p.warm[1])
+                self.warm = (alphas, [torch.cat([qv, pv]), torch.cat([qp, pp])])
         if len(self) > self.peak:
             self.peak = len(self)
             self.peak_bytes = self.peak * self.bytes_per_domain()
@@ -224,6 +266,20 @@ class DomainQueue:
         tensors += [t for box in (stored.boxes or []) for t in box]
         tensors += [t for part in (stored.warm or ()) for t in part if t is not None]
         return sum(t[:1].numel() * t.element_size() for t in tensors)
+
+
+def _same_width(a: List[Tensor], b: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """Two packed multiplier sets padded to the same ``D`` (values NaN, positions -1)."""
+    D = max(a[1].shape[1], b[1].shape[1])
+
+    def pad(p: List[Tensor]) -> List[Tensor]:
+        v, pos = p
+        extra = D - pos.shape[1]
+        if extra == 0:
+            return p
+        return [torch.cat([v, v.new_full(v.shape[:2] + (extra,), float("nan"))], 2),
+                torch.cat([pos, pos.new_full((pos.shape[0], extra), -1)], 1)]
+    return pad(a), pad(b)
 
 
 def memory_free(device: torch.device) -> int:
