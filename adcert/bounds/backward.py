@@ -166,13 +166,15 @@ def folded_source_error(low: Lowered, i: int, walk: Walk, folded: set
     ReLU's batch norm and convolution), folded into one ``(Q, floor)`` on piece ``i``'s input
     map, so that piece ``i``'s rows ``A'`` (the coefficients it hands back) carry them as
     ``|A'| . Q + floor`` in its own error term (one pass over the rows, and for receptive-field
-    rows one gather, instead of one per piece). A source is folded while it is read by no other
-    piece (its rows are then exactly ``A'``, pulled through the diagonal pieces between), gives
-    its error in that form (:meth:`~adcert.bounds.layers.base.Piece.folded_error`), and the
-    pieces between it and ``i`` are ``diagonal`` (their
-    :meth:`~adcert.bounds.layers.base.Piece.pull_error_weights` carries the weights across). Sums of the non-negative weights are rounded up. The folded pieces
-    are added to ``folded`` (their own rounding error is then not computed again); ``None``
-    when nothing folds."""
+    rows one gather, instead of one per piece).
+
+    A source is folded while it is read by no other piece (its rows are then exactly ``A'``,
+    pulled through the diagonal pieces between), gives its error in that form
+    (:meth:`~adcert.bounds.layers.base.Piece.folded_error`), and the pieces between it and ``i``
+    are ``diagonal`` (their :meth:`~adcert.bounds.layers.base.Piece.pull_error_weights` carries
+    the weights across). Sums of the non-negative weights are rounded up. The folded pieces are
+    added to ``folded`` (their own rounding error is then not computed again); ``None`` when
+    nothing folds."""
     readers = low.readers()
     total, floor, pulls = None, 0.0, []
     j = low.ops[i].src if len(low.ops[i].srcs) == 1 else -1

@@ -42,7 +42,13 @@ The kernels run under :func:`adcert.bounds.sound.strict_float_mode` (no TF32, no
 convolutions, oneDNN's direct kernels in IEEE fp32): each sums products in some order, which
 ``gamma_k`` covers. The error term of an affine step is computed by the forward association
 ``(|A||W|) . m_h = |A| . (|W| m_h)``: one forward product of the box magnitude per piece (batch
-``B``), reused by every specification row, instead of a second transposed product per row. Only float32 and float64 are accepted.
+``B``), reused by every specification row, instead of a second transposed product per row. A
+ReLU adds the error weights of the convolution and batch norm feeding it to its own
+(:func:`adcert.bounds.backward.folded_source_error`): one weighted sum over its rows for the
+three pieces. The magnitudes ``m_h`` come from IBP's boxes intersected with CROWN's intermediate
+ones as those become known (:class:`SoundBoxes`). The final bound is also intersected with the
+IBP bound of the specification folded into the last linear layer (:func:`final_layer_ibp`), as
+the plain mode's is. Only float32 and float64 are accepted.
 alpha-CROWN optimises its slopes (and, with ``beta``, its split multipliers) without the error
 terms, then evaluates the best ones soundly.
 The sound result is detached from the parameters for every method (certification only).

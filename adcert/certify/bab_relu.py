@@ -39,9 +39,10 @@ nothing beats it, and any projected start is a valid relaxation, so soundness do
 it. Slopes of neurons that a split (or tighter intermediate bounds) made stable are simply unused.
 Memory: per queued domain ``S x u`` slopes for the ``S`` margin rows, ``u`` the neurons loose
 at the root (:mod:`adcert.certify.domains` keeps only those; all of them with
-``boxes="recompute"``), and ``S`` multipliers per split neuron. Domains are bounded ``batch`` at a time (default
-``"auto"``: from the free memory, see :func:`~adcert.certify.domains.auto_batch`); a bound that
-runs out of memory is retried with half the batch.
+``boxes="recompute"``), and ``S`` multipliers per split neuron. Domains are bounded ``batch`` at
+a time (default ``"auto"``: from the free memory, see
+:func:`~adcert.certify.domains.auto_batch`); a bound that runs out of memory is retried with
+half the batch.
 
 With ``method="alpha-crown"`` the domains are bounded beta-CROWN style by default (``beta``):
 besides clamping the split neurons' input bounds, the final bound optimises one Lagrange
