@@ -291,6 +291,8 @@ def test_stage_crash_is_an_error_and_running_out_of_time_is_unknown(tmp_path, fa
     x = torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     y = predict(net, x)
     stage = AbcrownStage(script, timeout=5)                           # temporary work folder
+    # the wall-clock limit leaves room for abcrown's start-up and, per sample, its pre-attack
+    assert stage._limit(3) == 120 + 3 * (5 + 30)
     plan(["safe", "crash", "safe"])      # a crash decides nothing: the batch stays undone
     with pytest.raises(AbcrownError, match="exited with status 1"):
         stage.run(net, x, y, EPS)

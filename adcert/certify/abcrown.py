@@ -362,6 +362,10 @@ class AbcrownStage:
             sub-folder per batch, kept; ``None``: a temporary folder, removed after the run.
         startup: seconds allowed for abcrown's start-up, on top of ``timeout`` per sample (with
             ``slack`` more), in the subprocess's wall-clock limit.
+        slack: seconds per sample beyond ``timeout`` in that limit (default 30): abcrown's own
+            timeout does not cover its PGD attack before the bounds (``attack: pgd_order:
+            before``, its default; measured: a CNN7 sample took 32 s under a 30 s timeout), and
+            a batch killed at the limit leaves all its samples unknown.
         config: nested overrides of the generated YAML config.
         python: the interpreter that runs abcrown (default: this one).
 
@@ -384,7 +388,7 @@ class AbcrownStage:
 
     def __init__(self, abcrown: Optional[PathLike] = None, timeout: float = 30.0,
                  device: str = "cpu", workdir: Optional[PathLike] = None,
-                 startup: float = 120.0, slack: float = 10.0,
+                 startup: float = 120.0, slack: float = 30.0,
                  config: Optional[Dict[str, Any]] = None, python: Optional[str] = None):
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
