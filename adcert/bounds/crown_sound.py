@@ -92,26 +92,25 @@ class SoundBoxes:
 
     def tighten(self, k: int, box: Box) -> None:
         """Intersect activation ``k``'s input box with ``box`` and carry it forward."""
-        low, outs = self.low, self.outs
-        s = low.ops[low.relu_at[k]].src
-        outs[s] = _meet(outs[s], box)
-        for j in range(s + 1, len(low.ops)):
-            op = low.ops[j]
-            outs[j] = _meet(outs[j], op.sound_box([outs[i] for i in op.srcs]))
+        self._carry({self.low.ops[self.low.relu_at[k]].src: box})
 
     def tighten_all(self, boxes: List[Box]) -> None:
         """:meth:`tighten` with every activation's box (``boxes[k]``), in one forward pass."""
+        if boxes:
+            low = self.low
+            self._carry({low.ops[low.relu_at[k]].src: box for k, box in enumerate(boxes)})
+
+    def _carry(self, boxes: Dict[int, Box]) -> None:
+        """Intersect piece ``j``'s output box with ``boxes[j]`` for each given ``j``, and every
+        later piece's box with its :meth:`sound_box` from the tightened sources (in order)."""
         low, outs = self.low, self.outs
-        if not boxes:
-            return
-        sources = {low.ops[low.relu_at[k]].src: box for k, box in enumerate(boxes)}
-        first = min(sources)
-        outs[first] = _meet(outs[first], sources[first])
+        first = min(boxes)
+        outs[first] = _meet(outs[first], boxes[first])
         for j in range(first + 1, len(low.ops)):
             op = low.ops[j]
             outs[j] = _meet(outs[j], op.sound_box([outs[i] for i in op.srcs]))
-            if j in sources:
-                outs[j] = _meet(outs[j], sources[j])
+            if j in boxes:
+                outs[j] = _meet(outs[j], boxes[j])
 
 
 def _meet(a: Box, b: Box) -> Box:

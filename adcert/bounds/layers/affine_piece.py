@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from adcert.bounds.layers.base import Back, Box, Piece, Tensor, Walk, feature_sum, memo_enabled
 from adcert.bounds.patches import Patches
-from adcert.ops._rounding import down, gamma, up
+from adcert.ops._rounding import down, gamma, unit_roundoff, up
 
 
 class AffinePiece(Piece):
@@ -237,8 +237,8 @@ class ChannelPiece(ChannelBias, AffinePiece):
     def pull_error_weights(self, Q: Tensor) -> Tensor:
         """``|w| Q`` rounded up, times ``1 + 4u``: the rows on the input are ``fl(A w)``, at
         most ``(1 + u) |A| |w|`` entrywise."""
-        u_r = torch.finfo(Q.dtype).eps / 2
-        return up(up(self.forward(Q, self.weight.abs(), bias=False)) * (1 + 4 * u_r))
+        return up(up(self.forward(Q, self.weight.abs(), bias=False)) *
+                  (1 + 4 * unit_roundoff(Q.dtype)))
 
     def backward_patches(self, A: Patches) -> Back:
         out = A.with_data(A.data * self.weight.reshape(1, 1, -1, 1, 1))
