@@ -60,8 +60,9 @@ VARIANTS = {"reuse": {"boxes": "reuse"}, "refine": {"boxes": "refine"},
             "recompute": {"boxes": "recompute"}}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The arguments :func:`trained_model` and the sample choice read (shared with
+    ``bench_vs_abcrown.py``, which certifies the same model)."""
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--train-subset", type=int, default=5000)
@@ -69,14 +70,19 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=0.1, help="training radius")
     p.add_argument("--cert-eps", type=float, default=None,
                    help="certification radius (default: --eps)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=os.path.join(HERE, "results", "bab_cnn7"))
+    p.add_argument("--data-dir", default=None)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
     p.add_argument("--timeout", type=float, default=60.0, help="BaB seconds per sample")
     p.add_argument("--variants", default="reuse,refine")
     p.add_argument("--iterations", type=int, default=None,
                    help="alpha-CROWN steps of the alpha-crown stage and of every BaB domain "
                         "(default: each one's own default)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", default=os.path.join(HERE, "results", "bab_cnn7"))
-    p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="JSON (default: WORK/bab_cnn7.json)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
