@@ -125,6 +125,41 @@ def test_budget_shares_the_slopes_and_counts_what_it_keeps():
     torch.testing.assert_close(b[:, 0], (up >= -lo).double())
 
 
+def test_default_budget_is_a_share_of_the_free_memory(case, monkeypatch):
+    """``max_alpha_elements="auto"`` (the default): :data:`ALPHA_MEMORY_SHARE` of the free
+    memory at :data:`SLOPE_COPIES` copies of the bound's itemsize per slope. Little memory
+    shares the slopes (the same bound as that budget given explicitly, looser than per-row
+    slopes); plenty keeps every row's."""
+    from adcert.bounds import memory
+
+    assert memory.alpha_budget("cpu", torch.float64, free=48 * 10 ** 6) == \
+        int(memory.ALPHA_MEMORY_SHARE * 48 * 10 ** 6) // (memory.SLOPE_COPIES * 8)
+    assert memory.alpha_budget("cpu", torch.float32, free=48 * 10 ** 6) == \
+        2 * memory.alpha_budget("cpu", torch.float64, free=48 * 10 ** 6)
+    assert memory.memory_free("cpu") > 0
+    model, x, y = case
+    banks = []
+    init = SlopeBank.__init__
+
+    def spy(self, budget):
+        init(self, budget)
+        banks.append(self)
+
+    monkeypatch.setattr(SlopeBank, "__init__", spy)
+    run = dict(method="alpha-crown", y=y, iterations=4)
+    monkeypatch.setattr(memory, "memory_free", lambda device: 10 ** 4)
+    small = compute_bounds(model, x, EPS, **run)
+    assert banks[-1].budget == memory.alpha_budget("cpu", torch.float64, free=10 ** 4)
+    assert banks[-1].shared  # 52 elements: most walks share their slopes
+    given = compute_bounds(model, x, EPS, max_alpha_elements=banks[-1].budget, **run)
+    torch.testing.assert_close(small, given, rtol=0, atol=0)
+    monkeypatch.setattr(memory, "memory_free", lambda device: 10 ** 12)
+    large = compute_bounds(model, x, EPS, **run)
+    assert not banks[-1].shared and banks[-1].used > 0
+    off = ~torch.nn.functional.one_hot(y, 10).bool()
+    assert float(large[off].sum()) > float(small[off].sum())
+
+
 @pytest.mark.parametrize("bad, match", [({"intermediate": "yes"}, "intermediate"),
                                         ({"max_alpha_elements": -1}, "max_alpha_elements"),
                                         ({"max_alpha_elements": 2.5}, "max_alpha_elements")])

@@ -14,8 +14,9 @@ tighter box of an unstable ReLU gives a tighter chord).
 * :class:`SlopeBank`: the slopes, created lazily on the first walk in the form the rows reach
   each activation with: receptive-field windows ``[B, 2n, C, ph, pw]`` while the rows are
   :class:`~adcert.bounds.patches.Patches`, dense ``[B, 2n, *shape_j]`` after. Per-row slopes
-  take ``max_alpha_elements`` elements in all (memory ~5x that: gradients, two Adam moments and
-  the best copy); past the budget a walk's slopes for activation ``j`` are SHARED by all rows of
+  take ``max_alpha_elements`` elements in all (memory ~6x that: gradients, two Adam moments, the
+  best copy and the graph's; by default a quarter of the free memory,
+  :func:`adcert.bounds.memory.alpha_budget`); past the budget a walk's slopes for activation ``j`` are SHARED by all rows of
   layer ``k`` that bound a lower end (one map ``[B, *shape_j]``) and by all that bound an upper
   end (a second map) -- looser, but the memory of one map.
 * Memory of the optimisation itself: one iteration differentiates through every intermediate
@@ -47,8 +48,6 @@ Tensor = torch.Tensor
 #: 16 keeps its graphs (estimates 8.9e7 MNIST, 3.9e8 CIFAR): checkpointing cost 1.4x the time.
 CHECKPOINT_ELEMENTS = 2 ** 29
 
-#: Default ``max_alpha_elements`` by device type: per-row slope elements in all.
-DEFAULT_MAX_ALPHA_ELEMENTS = {"cpu": 2 ** 24, "other": 2 ** 26}
 
 
 class SlopeBank:

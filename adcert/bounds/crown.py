@@ -41,8 +41,9 @@ Options (unknown ones raise ``TypeError``):
   active: input lower bound clamped to >= 0), ``-1`` (forced inactive: upper bound clamped to
   <= 0) or ``0``; the bound then holds on that sub-domain of the box (branch-and-bound).
 * alpha-crown: ``intermediate`` (True), ``max_alpha_elements`` (per-row intermediate slopes
-  kept in all, default ``2**24`` on CPU, ``2**26`` on GPUs; memory ~5x; past it the slopes are
-  shared per layer, see :mod:`adcert.bounds.alpha_intermediate`), ``iterations`` (20), ``lr``
+  kept in all; memory ~6x; default ``"auto"``: a quarter of the free memory,
+  :func:`adcert.bounds.memory.alpha_budget`; past it the slopes are shared per layer, see
+  :mod:`adcert.bounds.alpha_intermediate`), ``iterations`` (20), ``lr``
   (0.3), ``lr_decay`` (0.98), ``patience`` (10), ``tol`` (0), ``beta`` (False: with ``splits``, also optimise beta-CROWN split multipliers)
   and ``lr_beta`` (0.05), see :func:`adcert.bounds.alpha_crown.optimize_alpha_beta`; warm
   start: ``init_alphas`` / ``init_betas`` (``{relu_index: [B, S, *relu shape]}``) and
@@ -62,9 +63,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from adcert.bounds.alpha_crown import optimize_alpha_beta, signed_betas
-from adcert.bounds.alpha_intermediate import (
-    DEFAULT_MAX_ALPHA_ELEMENTS, IntermediateRows, SlopeBank,
-)
+from adcert.bounds.alpha_intermediate import IntermediateRows, SlopeBank
+from adcert.bounds.memory import alpha_budget
 from adcert.bounds.crown_sound import (
     SoundBoxes, final_layer_ibp, sound_backward, sound_concretize, sound_op_boxes,
     widened_input,
@@ -365,10 +365,9 @@ def parse_options(method: str, options, known, device="cpu") -> dict:
         if not isinstance(out.get(name, default), bool):
             raise ValueError(f"{name}: expected a bool, got {out[name]!r}")
         out[name] = out.get(name, default)
-    key = "cpu" if torch.device(device).type == "cpu" else "other"
-    m = out.get("max_alpha_elements", DEFAULT_MAX_ALPHA_ELEMENTS[key])
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-        raise ValueError(f"max_alpha_elements: expected an int >= 0, got {m!r}")
+    m = out.get("max_alpha_elements", "auto")
+    if m != "auto" and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+        raise ValueError(f"max_alpha_elements: expected an int >= 0 or 'auto', got {m!r}")
     out["max_alpha_elements"] = m
     return out
 
@@ -397,7 +396,10 @@ def intermediate_rows(low: Lowered, boxes: List[Box], splits, opts: dict):
     interm = IntermediateRows(low, boxes, splits, opts["max_spec_elements"], opts["patches"])
     if not interm:
         return None, None
-    return interm, SlopeBank(opts["max_alpha_elements"])
+    budget = opts["max_alpha_elements"]
+    if budget == "auto":
+        budget = alpha_budget(boxes[0][0].device, boxes[0][0].dtype)
+    return interm, SlopeBank(budget)
 
 
 def run_crown_family(plan, mu: Tensor, r: Tensor, stats, request, method: str):

@@ -37,11 +37,12 @@ slopes and multipliers with their Adam state) and the memory free on the device;
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+
+from adcert.bounds.memory import memory_free
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -280,21 +281,6 @@ def _same_width(a: List[Tensor], b: List[Tensor]) -> Tuple[List[Tensor], List[Te
         return [torch.cat([v, v.new_full(v.shape[:2] + (extra,), float("nan"))], 2),
                 torch.cat([pos, pos.new_full((pos.shape[0], extra), -1)], 1)]
     return pad(a), pad(b)
-
-
-def memory_free(device: torch.device) -> int:
-    """Bytes free for the search on ``device``: CUDA's free memory, else the host's available
-    memory (``MemAvailable`` of ``/proc/meminfo``, else the physical pages free)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def domain_bytes(low, S: int, itemsize: int) -> int:
