@@ -392,16 +392,25 @@ def test_warm_start_with_zero_iterations_is_the_bound_at_the_given_slopes_and_mu
     net, x, y, eps, lo, hi, sp, splits = _split_instance(seed)
     C, h = 3, net[0].out_features
     g = torch.Generator().manual_seed(seed)
-    alphas = {k: torch.rand(1, C, h, generator=g, dtype=F64) * 1.6 - 0.3 for k in (0, 1)}
-    betas = {k: torch.rand(1, C, h, generator=g, dtype=F64) * 1.2 - 0.2 for k in (0, 1)}
+    # one row per class i != y (ascending): the zero y row is not walked
+    others = [i for i in range(C) if i != int(y)]
+    alphas = {k: (torch.rand(1, C, h, generator=g, dtype=F64) * 1.6 - 0.3)[:, others]
+              for k in (0, 1)}
+    betas = {k: (torch.rand(1, C, h, generator=g, dtype=F64) * 1.2 - 0.2)[:, others]
+             for k in (0, 1)}
+
+    def per_class(t: torch.Tensor) -> torch.Tensor:  # [C - 1, h] -> [C, h], the y row 0 (its spec is 0)
+        full = torch.zeros(C, h, dtype=F64)
+        full[others] = t
+        return full
     boxes, out = [], {}
     got = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
                          iterations=0, init_alphas=alphas, init_betas=betas, alpha_out=out,
                          relu_bounds=boxes)[0]
     box = [(l[0], u[0]) for l, u in boxes]
     assert sum(int(((l < 0) & (u > 0)).sum()) for l, u in box) >= 2  # slopes matter
-    a_proj = {k: a[0].clamp(0, 1) for k, a in alphas.items()}
-    b_signed = {k: b[0].clamp(min=0) * sp[k].to(F64) for k, b in betas.items()}
+    a_proj = {k: per_class(a[0].clamp(0, 1)) for k, a in alphas.items()}
+    b_signed = {k: per_class(b[0].clamp(min=0) * sp[k].to(F64)) for k, b in betas.items()}
     ref = relaxation_reference(net, lo, hi, int(y), box, a_proj, b_signed)
     ibp = compute_bounds(net, x, eps, method="ibp", y=y)[0]
     want = torch.maximum(ref, ibp)
@@ -409,8 +418,9 @@ def test_warm_start_with_zero_iterations_is_the_bound_at_the_given_slopes_and_mu
     assert torch.allclose(got, want, rtol=0, atol=1e-10), (got, want)
     assert bool((ref > ibp + 1e-3).any())  # the relaxation, not the IBP floor, decides a row
     # without the projection the reference differs: the start really was projected
-    raw = relaxation_reference(net, lo, hi, int(y), box, {k: a[0] for k, a in alphas.items()},
-                               {k: b[0] * sp[k].to(F64) for k, b in betas.items()})
+    raw = relaxation_reference(net, lo, hi, int(y), box,
+                               {k: per_class(a[0]) for k, a in alphas.items()},
+                               {k: per_class(b[0] * sp[k].to(F64)) for k, b in betas.items()})
     assert not torch.allclose(raw, ref, atol=1e-6)
     for k in (0, 1):
         assert torch.equal(out["alphas"][k], alphas[k].clamp(0, 1))
@@ -436,7 +446,7 @@ def test_warm_start_from_an_optimum_keeps_it_and_stays_sound(seed, d, h):
         out = {}
         first = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
                                iterations=8, alpha_out=out, sound=sound)[0]
-        assert set(out["alphas"]) == {0, 1} and out["alphas"][0].shape == (1, 3, h)
+        assert set(out["alphas"]) == {0, 1} and out["alphas"][0].shape == (1, 2, h)  # i != y
         assert all(not t.requires_grad for t in list(out["alphas"].values())
                    + list(out["betas"].values()))
         again = compute_bounds(net, x, eps, method="alpha-crown", y=y, splits=splits, beta=True,
@@ -453,7 +463,7 @@ def test_warm_start_options_are_validated():
     net = tiny_net(0)
     x = torch.rand(1, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
     y = net(x).argmax(1)
-    good = torch.full((1, 3, 8), 0.5, dtype=F64)
+    good = torch.full((1, 2, 8), 0.5, dtype=F64)  # a row per class i != y
 
     def call(**kw):
         return compute_bounds(net, x, 0.3, method="alpha-crown", y=y, iterations=1, **kw)
@@ -461,8 +471,8 @@ def test_warm_start_options_are_validated():
     for kw, exc, msg in (
             (dict(init_alphas=[good]), TypeError, r"^init_alphas: expected a dict"),
             (dict(init_alphas={2: good}), ValueError, r"^init_alphas: keys must be ReLU"),
-            (dict(init_alphas={0: good[:, :2]}), ValueError,
-             r"^init_alphas: entry 0 must have shape .*\(1, 3, 8\).*S = 3"),
+            (dict(init_alphas={0: good[:, :1]}), ValueError,
+             r"^init_alphas: entry 0 must have shape .*\(1, 2, 8\).*S = 2"),
             (dict(init_alphas={1: good.float()}), TypeError, r"^init_alphas: entry 1 .*dtype"),
             (dict(init_alphas={0: 0.5}), TypeError, r"^init_alphas: entry 0 must be a torch"),
             (dict(init_betas={0: good[0]}), ValueError, r"^init_betas: entry 0 must have shape"),

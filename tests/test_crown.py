@@ -272,6 +272,37 @@ def test_per_sample_eps_and_C_spec():
         assert (cz >= lb.unsqueeze(1) - 1e-9).all() and (cz <= ub.unsqueeze(1) + 1e-9).all()
 
 
+def test_margin_rows_leave_out_the_identically_zero_label_row():
+    """With ``y`` only the ``C - 1`` rows ``e_y - e_i`` (``i != y``, ascending) are walked: the
+    helpers agree with the full specification, slopes come back with ``C - 1`` rows, and the
+    result's ``y`` entry is exactly 0 in every method (one class: the full, zero, row)."""
+    from adcert.bounds.spec import margin_spec, margin_spec_others, other_classes, scatter_others
+
+    y = torch.tensor([0, 2, 4])
+    assert other_classes(y, 5).tolist() == [[1, 2, 3, 4], [0, 1, 3, 4], [0, 1, 2, 3]]
+    full = margin_spec(y, 5, DT, "cpu")
+    for b in range(3):
+        keep = [i for i in range(5) if i != int(y[b])]
+        assert torch.equal(margin_spec_others(y, 5, DT, "cpu")[b], full[b, keep])
+    lb = torch.randn(3, 4, dtype=DT)
+    out = scatter_others(lb, y)
+    assert out.shape == (3, 5) and bool((out.gather(1, y[:, None]) == 0).all())
+    assert torch.equal(out.gather(1, other_classes(y, 5)), lb)
+    model, x, y, _ = make("cnn", batch=3)
+    for method in CROWN_FAMILY:
+        for sound in (False, True):
+            kw = {"alpha_out": {}, "iterations": 2} if method == "alpha-crown" else {}
+            m = compute_bounds(model, x, 0.05, method=method, y=y, sound=sound, **kw)
+            assert m.shape == (3, 3) and bool((m.gather(1, y[:, None]) == 0).all())
+            if kw:
+                assert all(a.shape[1] == 2 for a in kw["alpha_out"]["alphas"].values())
+    one = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    z = torch.rand(2, 4, dtype=DT)
+    for method in CROWN_FAMILY:
+        assert torch.equal(compute_bounds(one, z, 0.1, method=method, y=torch.zeros(2).long()),
+                           torch.zeros(2, 1, dtype=DT))
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

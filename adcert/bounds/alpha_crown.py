@@ -43,7 +43,8 @@ them, so keep-best returns a bound at least as good as the warm start's. A slope
 on a neuron unstable in THIS call's boxes (a neuron that became stable ignores it) and a
 multiplier only on a split neuron (``init_betas`` is ignored without ``beta``, and for layers
 without any split). ``S`` is the
-number of specification rows: with ``y`` the ``C`` margin rows (the ``y`` row included), with
+number of specification rows: with ``y`` the ``C - 1`` margin rows of the classes ``i != y``, in
+ascending order (the ``y`` row is identically zero and not walked; ``1`` when ``C == 1``), with
 ``C: [B, S', C_out]`` the ``2 S'`` rows ``[C; -C]``, else ``2 x`` the output size.
 ``alpha_out`` (a dict) receives ``{"alphas": ..., "betas": ...}``: the best slopes and (unsigned)
 multipliers, detached, in the same format (``betas`` only for layers with a split).

@@ -19,7 +19,8 @@
   intermediate bounds stay fixed, the final layer's slopes alone are optimised, much cheaper).
 
 Specifications (``S`` rows per sample, one backward pass for all of them): with ``y`` the margins
-``z_y - z_i`` (rows ``e_y - e_i``, the result's ``y`` entry 0); with ``C: [B, S, C_out]`` the
+``z_y - z_i`` (rows ``e_y - e_i`` for ``i != y``, the zero ``y`` row left out; the result's
+``y`` entry 0); with ``C: [B, S, C_out]`` the
 rows of ``C`` (both bounds: the rows ``[C; -C]``); otherwise the identity (both bounds of every
 output). The specification multiplies the last layer first, i.e. it is folded into the last
 linear layer.
@@ -76,7 +77,7 @@ from adcert.bounds.sound import strict_float_mode
 from adcert.bounds.layers.affine_piece import ChannelPiece, ConvPiece
 from adcert.bounds.layers.relu import ReluPiece
 from adcert.bounds.patches import unit_patches
-from adcert.bounds.spec import margin_spec, zero_label_entry
+from adcert.bounds.spec import margin_spec, margin_spec_others, scatter_others, zero_label_entry
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -99,8 +100,9 @@ SOUND_STOP_MARGIN = 0.05
 
 def build_spec(request, out_shape: Tuple[int, ...], x: Tensor) -> Tuple[Tensor, str]:
     """The specification rows ``[B, S2, *out_shape]`` to lower-bound, and the result kind:
-    ``"margin"`` (rows ``e_y - e_i``), ``"C"`` (rows ``[C; -C]``) or ``"box"`` (rows ``[I; -I]``
-    of the flattened output)."""
+    ``"margin"`` (rows ``e_y - e_i`` for the classes ``i != y``: the ``y`` row is identically
+    zero and not walked; all ``n`` rows when ``n == 1``), ``"C"`` (rows ``[C; -C]``) or
+    ``"box"`` (rows ``[I; -I]`` of the flattened output)."""
     B = x.shape[0]
     if request.y is not None:
         if len(out_shape) != 1:
@@ -108,7 +110,9 @@ def build_spec(request, out_shape: Tuple[int, ...], x: Tensor) -> Tuple[Tensor, 
                              f"shape {(B,) + tuple(out_shape)}")
         n = out_shape[0]
         check_y_range(request.y, n)
-        return margin_spec(request.y, n, x.dtype, x.device), "margin"
+        if n == 1:
+            return margin_spec(request.y, n, x.dtype, x.device), "margin"
+        return margin_spec_others(request.y, n, x.dtype, x.device), "margin"
     if request.C is not None:
         C = request.C
         if not isinstance(C, torch.Tensor):
@@ -129,7 +133,9 @@ def build_spec(request, out_shape: Tuple[int, ...], x: Tensor) -> Tuple[Tensor, 
 def format_result(lb: Tensor, kind: str, request, out_shape):
     """Turn the lower bounds ``[B, S2]`` of the specification rows into compute_bounds' result."""
     if kind == "margin":
-        return zero_label_entry(lb, request.y)
+        if lb.shape[1] == out_shape[0]:
+            return zero_label_entry(lb, request.y)
+        return scatter_others(lb, request.y)
     half = lb.shape[1] // 2
     lower, upper = lb[:, :half], -lb[:, half:]
     if kind == "box":

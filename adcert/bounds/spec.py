@@ -36,6 +36,27 @@ def margin_spec(y: Tensor, n: int, dtype: torch.dtype, device) -> Tensor:
     return margin_rows(torch.eye(n, dtype=dtype, device=device), y)
 
 
+def other_classes(y: Tensor, n: int) -> Tensor:
+    """``[B, n - 1]``: the classes ``i != y_b`` of every sample, ascending."""
+    others = torch.arange(n - 1, device=y.device).unsqueeze(0)
+    return others + (others >= y.unsqueeze(1)).long()
+
+
+def margin_spec_others(y: Tensor, n: int, dtype: torch.dtype, device) -> Tensor:
+    """:func:`margin_spec` without the ``y`` row (identically zero): ``[B, n - 1, n]``, row ``j``
+    of sample ``b`` is ``e_{y_b} - e_i`` for ``i = other_classes(y, n)[b, j]``."""
+    eye = torch.eye(n, dtype=dtype, device=device)
+    return eye[y].unsqueeze(1) - eye[other_classes(y, n)]
+
+
+def scatter_others(lb: Tensor, y: Tensor) -> Tensor:
+    """``lb: [B, n - 1]`` (the rows of :func:`margin_spec_others`) -> ``[B, n]`` with the ``y``
+    entry exactly 0."""
+    n = lb.shape[1] + 1
+    out = lb.new_zeros((lb.shape[0], n))
+    return out.scatter(1, other_classes(y, n), lb)
+
+
 def fold_margin_spec(weight: Tensor, bias: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-sample margin layer: ``W_spec[b, i] = W[y_b] - W[i]``, ``b_spec[b, i] = b[y_b] - b[i]``.
 

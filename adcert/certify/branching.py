@@ -24,11 +24,10 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from adcert.bounds.backward import backward_lower
 from adcert.bounds.inputs import input_box
-from adcert.bounds.spec import margin_spec
+from adcert.bounds.spec import margin_spec_others, other_classes
 
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
@@ -43,15 +42,20 @@ def heights(boxes: Sequence[Box]) -> List[Tensor]:
 def worst_margins(low, x: Tensor, y: Tensor, eps: float, boxes: Sequence[Box],
                   coefs: Dict[int, Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One CROWN backward pass of the margin rows over ``n`` domains (``x: [1, *in]``):
-    the margin lower bounds ``[n, C]`` (own class ``+inf``) and each domain's worst row."""
+    the margin lower bounds ``[n, C]`` (own class ``+inf``) and each domain's worst class.
+    ``coefs`` receives the rows' coefficients at every ReLU, one row per class ``i != y``
+    in ascending order (the zero ``y`` row is not walked; :func:`babsr_scores`)."""
     n = boxes[0][0].shape[0]
     C = low.out_shape[0]
-    spec = margin_spec(y, C, x.dtype, x.device).expand(n, C, C)
+    if C < 2:
+        raise ValueError(f"branching needs at least 2 classes, the model has {C}")
+    spec = margin_spec_others(y, C, x.dtype, x.device).expand(n, C - 1, C)
     mu, r = input_box(x, eps)
     with torch.no_grad():
-        lb = backward_lower(low, len(low.ops), spec, mu.expand(n, *mu.shape[1:]),
-                            r.expand(n, *r.shape[1:]), boxes, relu_coefs=coefs)
-    lb = lb.masked_fill(F.one_hot(y, C).bool().expand(n, C), float("inf"))
+        rows = backward_lower(low, len(low.ops), spec, mu.expand(n, *mu.shape[1:]),
+                              r.expand(n, *r.shape[1:]), boxes, relu_coefs=coefs)
+    lb = rows.new_full((n, C), float("inf"))
+    lb = lb.scatter(1, other_classes(y, C).expand(n, C - 1), rows)
     return lb, lb.argmin(1)
 
 
@@ -59,7 +63,8 @@ def babsr_scores(low, x: Tensor, y: Tensor, eps: float, boxes: Sequence[Box]) ->
     """BaBSR scores (see the module docstring); ``low``: the lowered model."""
     h = heights(boxes)
     coefs: Dict[int, Tensor] = {}
-    _, row = worst_margins(low, x, y, eps, boxes, coefs)
+    _, worst = worst_margins(low, x, y, eps, boxes, coefs)
+    row = worst - (worst > y).long()  # the class's row among the classes i != y
     pick = torch.arange(row.shape[0], device=row.device)
     return [(-coefs[k][pick, row]).clamp(min=0) * hk + 1e-3 * hk if k in coefs else hk
             for k, hk in enumerate(h)]
