@@ -516,3 +516,27 @@ def test_bab_warm_start_agrees_with_exact_and_certifies_the_same(warm_iterations
         st = ReluSplitBaB(sound=sound, method="alpha-crown", attack_every=2, timeout=5,
                           warm_iterations=warm_iterations)
         assert st.run(net, x, y, eps).verdicts == ["attacked"]
+
+
+def test_slopes_use_the_fused_adam_where_it_runs_and_the_loop_elsewhere():
+    """:func:`slope_adam`: the fused kernel for float CPU tensors, the per-tensor loop for a
+    dtype it does not take; both take the same steps (to rounding)."""
+    from adcert.bounds.alpha_crown import slope_adam
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.rand(3, 5, generator=g, dtype=F64)
+    grads = [torch.randn(3, 5, generator=g, dtype=F64) for _ in range(4)]
+    runs = []
+    for fused in (True, False):
+        p = start.clone().requires_grad_()
+        opt = slope_adam([{"params": [p], "lr": 0.1}]) if fused else \
+            torch.optim.Adam([{"params": [p], "lr": 0.1}])
+        assert bool(opt.defaults.get("fused")) == fused
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+        runs.append(p.detach())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-12)
+    assert not (runs[0] - start).abs().lt(1e-3).all()  # it moved
+    odd = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+    assert not slope_adam([{"params": [odd], "lr": 0.1}]).defaults.get("fused")
