@@ -296,8 +296,9 @@ class ReluSplitBaB:
         low = self._lowered(model, x)
         # only ReLU neurons are split (Sigmoid/Tanh/max-pooling inputs are bounded, not split)
         splittable = [low.activation(k).splittable for k in range(len(boxes))]
+        # S: the margin rows i != y
         self._chunk = self.batch if self.batch != "auto" else \
-            auto_batch(low, low.out_shape[0], x.element_size(), x.device)
+            auto_batch(low, max(1, low.out_shape[0] - 1), x.element_size(), x.device)
         queue = self._queue(low, boxes)
         queue.push(Domains([torch.zeros_like(lo, dtype=torch.int8) for lo, _ in boxes],
                            None if self.boxes == "recompute" else
