@@ -14,7 +14,6 @@ section 5). Needs scikit-learn (``pip install -c constraints.txt scikit-learn``)
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 

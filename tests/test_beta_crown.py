@@ -399,7 +399,8 @@ def test_warm_start_with_zero_iterations_is_the_bound_at_the_given_slopes_and_mu
     betas = {k: (torch.rand(1, C, h, generator=g, dtype=F64) * 1.2 - 0.2)[:, others]
              for k in (0, 1)}
 
-    def per_class(t: torch.Tensor) -> torch.Tensor:  # [C - 1, h] -> [C, h], the y row 0 (its spec is 0)
+    def per_class(t: torch.Tensor) -> torch.Tensor:
+        """``[C - 1, h]`` -> ``[C, h]``, the ``y`` row 0 (its specification row is 0)."""
         full = torch.zeros(C, h, dtype=F64)
         full[others] = t
         return full

@@ -61,13 +61,13 @@ from adcert.bounds.linear_relax import Lowered, backward_lower
 Tensor = torch.Tensor
 Box = Tuple[Tensor, Tensor]
 
+#: dtypes the fused Adam kernel takes (see :func:`slope_adam`)
+FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 # lr 0.3 and early stop only after 10 steps without any gain: on CNN7 (width 8, CIFAR shape,
 # eps 0.05, 20 steps, every layer's slopes) the summed margin bound went from -5.741 (lr 0.1,
 # patience 5, tol 1e-4) to -5.723, in less time; auto_LiRPA's alpha-CROWN (lr 0.5, patience 10)
 # reached -6.150
-#: dtypes the fused Adam kernel takes (see :func:`slope_adam`)
-FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 DEFAULTS = dict(iterations=20, lr=0.3, lr_decay=0.98, patience=10, tol=0.0, beta=False,
                 lr_beta=0.05)
 

@@ -16,9 +16,10 @@ tighter box of an unstable ReLU gives a tighter chord).
   :class:`~adcert.bounds.patches.Patches`, dense ``[B, 2n, *shape_j]`` after. Per-row slopes
   take ``max_alpha_elements`` elements in all (memory ~6x that: gradients, two Adam moments, the
   best copy and the graph's; by default a quarter of the free memory,
-  :func:`adcert.bounds.memory.alpha_budget`); past the budget a walk's slopes for activation ``j`` are SHARED by all rows of
-  layer ``k`` that bound a lower end (one map ``[B, *shape_j]``) and by all that bound an upper
-  end (a second map) -- looser, but the memory of one map.
+  :func:`adcert.bounds.memory.alpha_budget`); past the budget a walk's slopes for activation
+  ``j`` are SHARED by all rows of layer ``k`` that bound a lower end (one map
+  ``[B, *shape_j]``) and by all that bound an upper end (a second map) -- looser, but the
+  memory of one map.
 * Memory of the optimisation itself: one iteration differentiates through every intermediate
   walk; past :data:`CHECKPOINT_ELEMENTS` the walks are checkpointed (recomputed in the backward
   pass, one walk's graph alive at a time).
@@ -47,7 +48,6 @@ Tensor = torch.Tensor
 #: MNIST shape (estimate 2.7e9): peak memory 23.7 GB -> 1.6 GB, and faster (less paging); width
 #: 16 keeps its graphs (estimates 8.9e7 MNIST, 3.9e8 CIFAR): checkpointing cost 1.4x the time.
 CHECKPOINT_ELEMENTS = 2 ** 29
-
 
 
 class SlopeBank:
